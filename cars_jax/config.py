@@ -1,0 +1,102 @@
+"""Config checking: turn a bad field into one message that names it and says what is allowed."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message names the field and the allowed values."""
+
+
+_CHOICES = {
+    'data_source': ('folders', 'devkit', 'tfds', 'demo'),
+    'val_split': ('test', 'holdout'),
+    'eval_resize': ('squash', 'center_crop'),
+    'init': ('pytorch', 'he_normal'),
+    'conv_impl': ('auto', 'xla', 'matmul'),
+    'dtype': ('float32', 'bfloat16'),
+}
+_POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')
+_NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
+                     'max_steps_per_epoch', 'num_classes', 'bbox_margin')
+_POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps')
+_NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
+                       'translate', 'shear_degrees', 'mixup_alpha', 'min_delta')
+_PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2')
+_RANGES = ('rrc_scale', 'rrc_ratio', 'blur_sigma', 'erasing_scale', 'erasing_ratio')
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f'--config.{field}={value!r} is invalid: {allowed}.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field of configs/base.py; raises ConfigError on the first bad one."""
+    for field, choices in _CHOICES.items():
+        if config[field] not in choices:
+            _fail(field, config[field], f'choose one of {", ".join(choices)}')
+    for field in _POSITIVE_INT:
+        if not isinstance(config[field], int) or config[field] <= 0:
+            _fail(field, config[field], 'must be a positive integer')
+    for field in _NON_NEGATIVE_INT:
+        if not isinstance(config[field], int) or config[field] < 0:
+            _fail(field, config[field], 'must be an integer >= 0')
+    for field in _POSITIVE_FLOAT:
+        v = config[field]
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            _fail(field, v, 'must be a finite number > 0')
+    for field in _NON_NEGATIVE_FLOAT:
+        v = config[field]
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            _fail(field, v, 'must be a finite number >= 0')
+    for field in _PROBABILITY:
+        v = config[field]
+        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            _fail(field, v, 'must be a number in [0, 1]')
+    for field in _RANGES:
+        v = tuple(config[field])
+        if len(v) != 2 or not all(isinstance(x, (int, float)) for x in v) or not 0 <= v[0] <= v[1]:
+            _fail(field, v, 'must be a pair (low, high) with 0 <= low <= high')
+    if config.data_source != 'demo' and not config.data_dir:
+        _fail('data_dir', config.data_dir,
+              f'data_source={config.data_source!r} needs the data folder; '
+              'or run the generated demo: python main.py --config=configs/demo.py')
+    if config.hue > 0.5:
+        _fail('hue', config.hue, 'must be in [0, 0.5] (as torchvision ColorJitter)')
+    if not 0 <= config.dropout < 1:
+        _fail('dropout', config.dropout, 'must be in [0, 1)')
+    if not 0 <= config.label_smoothing < 1:
+        _fail('label_smoothing', config.label_smoothing, 'must be in [0, 1)')
+    if not 0 < config.pct_start < 1:
+        _fail('pct_start', config.pct_start, 'must be in (0, 1)')
+    if config.val_split == 'holdout' and not 0 < config.val_fraction < 1:
+        _fail('val_fraction', config.val_fraction, 'must be in (0, 1) with val_split=holdout')
+    if config.blur_kernel % 2 != 1:
+        _fail('blur_kernel', config.blur_kernel, 'must be odd')
+    if len(config.stage_sizes) != len(config.widths) or not config.stage_sizes:
+        _fail('stage_sizes', config.stage_sizes, f'needs one entry per width in {config.widths}')
+    if any(int(s) <= 0 for s in config.stage_sizes) or any(int(w) <= 0 for w in config.widths):
+        _fail('widths', config.widths, 'stage sizes and widths must be positive')
+    if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
+        _fail('std', config.std, 'mean and std need 3 values each, std > 0')
+
+
+# Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).
+_STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir', 'image_size',
+               'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
+               'max_steps_per_epoch')
+
+
+def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """Fields in which a resumed run's config differs from the one its checkpoint was made with."""
+    now = json.loads(current.to_json())
+    return [f'{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}'
+            for k in _STRUCTURAL if _norm(saved.get(k)) != _norm(now.get(k))]
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v

@@ -1,0 +1,163 @@
+"""Grain input pipelines: class-weighted sampling, decode + augment per image, batching.
+
+One train epoch is a `grain.MapDataset` fixed by (seed, epoch): the sampled indices, every
+augmentation draw and the batch order follow from them, so an iterator's `get_state()` (a
+position) plus the epoch number is everything a resumed run needs to continue exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from cars_jax.data.augment import AugmentConfig, eval_transform, train_transform
+from cars_jax.data.sources import Record, decode_image
+
+Batch = dict[str, np.ndarray]
+
+
+def class_balanced_probabilities(labels: np.ndarray) -> np.ndarray:
+    """Per-sample probability proportional to 1 / (size of its class), as the seed's sampler."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return weights / weights.sum()
+
+
+def epoch_indices(labels: np.ndarray, seed: int, epoch: int, weighted: bool = True) -> np.ndarray:
+    """Record indices of one epoch, deterministic from (seed, epoch).
+
+    weighted: len(labels) draws WITH replacement, p ~ 1/class count (PyTorch's
+    WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)).
+    Otherwise a plain shuffle (DataLoader(shuffle=True)).
+    """
+    rng = np.random.default_rng([seed, epoch, 0x5A3])
+    n = len(labels)
+    if weighted:
+        return rng.choice(n, size=n, replace=True, p=class_balanced_probabilities(labels))
+    return rng.permutation(n)
+
+
+class _Subset(Sequence):
+    """records[indices] as a random-access source (picklable for grain workers)."""
+
+    def __init__(self, records: Sequence[Record], indices: np.ndarray):
+        self.records, self.indices = records, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Record]:
+        j = int(self.indices[i])
+        return j, self.records[j]
+
+
+def _decode_or_substitute(records: Sequence[Record], index: int, use_bbox: bool,
+                          margin: int) -> tuple[int, np.ndarray]:
+    """Decodes a record; if it became unreadable since the start-up scan, logs it and uses the
+    next readable record instead, so a bad file never ends an epoch."""
+    for k in range(min(len(records), 16)):
+        j = (index + k) % len(records)
+        rec = records[j]
+        try:
+            bbox = rec.bbox if use_bbox else None
+            return j, decode_image(rec, bbox=bbox, bbox_margin=margin)
+        except Exception as e:  # noqa: BLE001 - any decode failure is a skipped file
+            logging.warning('Skipping unreadable image %s (%s); using the next record.',
+                            rec.key or index, e)
+    raise RuntimeError(f'16 consecutive records from {index} are unreadable; check the data.')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainMap(grain.transforms.RandomMap):
+    """Decode + the seed's augmentation, with grain's per-element seeded Generator."""
+    records: Sequence[Record]
+    aug: AugmentConfig
+    use_bbox: bool = False
+    bbox_margin: int = 0
+
+    def random_map(self, element: tuple[int, Record], rng: np.random.Generator) -> dict:
+        index, _ = element
+        index, image = _decode_or_substitute(self.records, index, self.use_bbox, self.bbox_margin)
+        return {'image': train_transform(image, rng, self.aug),
+                'label': np.int32(self.records[index].label),
+                'index': np.int32(index)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalMap(grain.transforms.Map):
+    records: Sequence[Record]
+    aug: AugmentConfig
+    use_bbox: bool = False
+    bbox_margin: int = 0
+
+    def map(self, element: tuple[int, Record]) -> dict:
+        index, _ = element
+        index, image = _decode_or_substitute(self.records, index, self.use_bbox, self.bbox_margin)
+        return {'image': eval_transform(image, self.aug),
+                'label': np.int32(self.records[index].label),
+                'index': np.int32(index)}
+
+
+def _read_options(num_workers: int, prefetch: int) -> grain.ReadOptions:
+    # In-process threads are the fastest option on few cores (PIL releases the GIL).
+    return grain.ReadOptions(num_threads=max(2, 2 * num_workers), prefetch_buffer_size=max(prefetch, 1) * 8)
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
+    it = ds.to_iter_dataset(_read_options(num_workers, prefetch))
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=max(prefetch, 1)))
+    return it
+
+
+def steps_per_epoch(num_records: int, batch_size: int, max_steps: int = 0) -> int:
+    steps = num_records // batch_size
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: AugmentConfig, *,
+                        seed: int, epoch: int, batch_size: int, weighted: bool = True,
+                        use_bbox: bool = False, bbox_margin: int = 0, max_steps: int = 0,
+                        num_workers: int = 0, prefetch: int = 4) -> grain.IterDataset:
+    """The train batches of one epoch (drop_remainder: every step has one static shape)."""
+    n_steps = steps_per_epoch(len(records), batch_size, max_steps)
+    indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
+    ds = (grain.MapDataset.source(_Subset(records, indices))
+          .seed(int(np.random.default_rng([seed, epoch, 0xA06]).integers(2**31)))
+          .random_map(TrainMap(records, aug, use_bbox, bbox_margin))
+          .batch(batch_size, drop_remainder=True))
+    return _to_iter(ds, num_workers, prefetch)
+
+
+def eval_dataset(records: Sequence[Record], aug: AugmentConfig, *, batch_size: int,
+                 use_bbox: bool = False, bbox_margin: int = 0, num_workers: int = 0,
+                 prefetch: int = 4) -> grain.IterDataset:
+    """Deterministic eval batches; the last one is short (pad it with `pad_batch`)."""
+    ds = (grain.MapDataset.source(_Subset(records, np.arange(len(records))))
+          .map(EvalMap(records, aug, use_bbox, bbox_margin))
+          .batch(batch_size, drop_remainder=False))
+    return _to_iter(ds, num_workers, prefetch)
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+    """Pads a short batch to batch_size and adds `mask` (1 real, 0 padding), so that the eval
+    step compiles once for every batch."""
+    n = len(batch['label'])
+    out = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+           if n < batch_size else v for k, v in batch.items()}
+    out['mask'] = (np.arange(batch_size) < n).astype(np.float32)
+    return out
+
+
+def iterate(ds: grain.IterDataset, state: dict[str, Any] | None = None) -> Iterator[Batch]:
+    """An iterator over `ds`, positioned at a checkpointed `get_state()` when given."""
+    it = iter(ds)
+    if state is not None:
+        it.set_state(state)
+    return it

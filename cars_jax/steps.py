@@ -1,0 +1,119 @@
+"""TrainState and the pure, jit-compiled train / eval steps.
+
+`train_step(state, batch, rng)` is the whole recipe of one optimiser step: MixUp (on a share
+of batches), forward with BatchNorm in train mode, label-smoothed cross-entropy mixed with the
+MixUp lambda, AdamW under the one-cycle schedule. No globals, no I/O: wrap it in `jax.jit`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
+from cars_jax.mixup import mixup
+from cars_jax.model import build_model, init_variables
+from cars_jax.optim import make_optimizer
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+    """params, opt_state and step (from flax) + BatchNorm statistics; one pytree."""
+    batch_stats: Any = None
+    lr_schedule: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False,
+                                                                       default=None)
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int,
+                       steps_per_epoch: int) -> TrainState:
+    """Initial state of the configured model and optimiser (schedule over the whole run)."""
+    model = build_model(config, num_classes)
+    variables = init_variables(model, rng, config.image_size)
+    tx, schedule = make_optimizer(config, steps_per_epoch)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                             batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule)
+
+
+def _tree_all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothing: float = 0.05,
+               mixup_alpha: float = 0.4, mixup_prob: float = 0.5) -> tuple[TrainState, Metrics]:
+    """One optimiser step. Defaults are the seed's values.
+
+    A non-finite loss or gradient leaves the state unchanged and reports `finite=0`, so a
+    NaN can never reach parameters or checkpoints; the caller decides to stop.
+    Train accuracy is measured against the *original* labels (labels_a), also on MixUp batches
+    (`mixed` says which), as the seed did.
+    """
+    mix_rng, dropout_rng = jax.random.split(rng)
+    images, labels_a, labels_b, lam = mixup(mix_rng, batch['image'], batch['label'],
+                                            mixup_alpha, mixup_prob)
+
+    def loss_fn(params):
+        logits, new_model_state = state.apply_fn(
+            {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+            rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+        loss = mixed_cross_entropy(logits, labels_a, labels_b, lam, label_smoothing).mean()
+        return loss, (logits, new_model_state)
+
+    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state['batch_stats'])
+    # Keep the old state where anything is non-finite (step included: the caller stops).
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {
+        'loss': loss,
+        'accuracy': jnp.mean(topk_correct(logits, labels_a, 1)),
+        'mixed': (lam < 1.0).astype(jnp.float32),
+        'lr': jnp.asarray(state.lr_schedule(state.step), jnp.float32),
+        'grad_norm': optax.tree.norm(grads),
+        'finite': finite.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05) -> Metrics:
+    """Sums over the batch (divide by `count`): loss (the seed's label-smoothed criterion),
+    top-1 and top-5 hits. An optional `mask` marks padding."""
+    logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                            batch['image'], train=False)
+    mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+    k5 = min(5, logits.shape[-1])
+    return {
+        'loss_sum': jnp.sum(smoothed_cross_entropy(logits, batch['label'], label_smoothing) * mask),
+        'correct_sum': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
+        'top5_sum': jnp.sum(topk_correct(logits, batch['label'], k5) * mask),
+        'count': jnp.sum(mask),
+    }
+
+
+def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
+    """Class probabilities in inference mode (BN running stats, no dropout)."""
+    logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                            train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def make_steps(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+    """train_step / eval_step with the config's hyperparameters bound, each jitted once.
+
+    The state is donated to the train step: XLA updates parameters in place.
+    """
+    train = jax.jit(lambda s, b, r: train_step(s, b, r, label_smoothing=config.label_smoothing,
+                                               mixup_alpha=config.mixup_alpha,
+                                               mixup_prob=config.mixup_prob),
+                    donate_argnums=(0,))
+    evaluate = jax.jit(lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing))
+    return train, evaluate

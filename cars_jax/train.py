@@ -1,0 +1,393 @@
+"""The training loop: the impure edge around the pure steps.
+
+Per epoch: the class-weighted Grain loader feeds `train_step`; `eval_step` runs over the
+validation split; one log line, a line of `metrics.jsonl` and a redrawn `curves.png`.
+Checkpoints (Orbax, atomic):
+  workdir/checkpoints/latest  every epoch (+ every N steps, + on SIGINT/SIGTERM) for resume;
+                              holds the state, the Grain iterator position, the epoch, the
+                              early-stopping counters and the config.
+  workdir/checkpoints/best    kept by Orbax's `best_fn` on validation loss; written only on a
+                              min_delta improvement (the seed's early-stopping rule).
+The RNG of step s is fold_in(PRNGKey(seed), s): seed and step are in the checkpoint, so a
+resumed run draws the same MixUp/dropout randomness as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cars_jax.config import ConfigError, incompatible_fields, validate_config
+from cars_jax.data import pipeline
+from cars_jax.data.augment import AugmentConfig
+from cars_jax.data.dataset import DataBundle, build_data
+from cars_jax.data.sources import Record
+from cars_jax.plots import plot_curves
+from cars_jax.steps import TrainState, create_train_state, make_steps
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, incompatible workdir): the message says why."""
+
+
+class Reporter:
+    """Prints progress and keeps a copy in workdir/log.txt."""
+
+    def __init__(self, workdir: str, quiet: bool = False):
+        self.path, self.quiet = os.path.join(workdir, 'log.txt'), quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+        with open(self.path, 'a') as f:
+            f.write(msg + '\n')
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+
+def evaluate(eval_fn: Callable, state: TrainState, records: Sequence[Record],
+             config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Label-smoothed loss, top-1 and top-5 over all records (padded last batch)."""
+    ds = pipeline.eval_dataset(records, AugmentConfig.from_config(config),
+                               batch_size=config.batch_size, use_bbox=config.use_bbox,
+                               bbox_margin=config.bbox_margin, num_workers=config.num_workers,
+                               prefetch=config.prefetch_batches)
+    sums: dict[str, float] = {}
+    for batch in ds:
+        batch = pipeline.pad_batch(batch, config.batch_size)
+        out = jax.device_get(eval_fn(state, {k: batch[k] for k in ('image', 'label', 'mask')}))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(sums.get('count', 0.0), 1.0)
+    return {'loss': sums.get('loss_sum', float('nan')) / n, 'accuracy': sums.get('correct_sum', 0) / n,
+            'top5': sums.get('top5_sum', 0) / n, 'count': int(sums.get('count', 0))}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    """Everything besides the TrainState that a resumed run needs (saved as JSON)."""
+    epoch: int = 0                       # the epoch in progress (0-based)
+    iterator: dict | None = None         # grain iterator state within that epoch
+    best_val_loss: float = float('inf')
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epoch_sums: dict = dataclasses.field(default_factory=dict)
+    finished: bool = False
+
+
+def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    latest = ocp.CheckpointManager(os.path.join(root, 'latest'), options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True, cleanup_tmp_directories=True))
+    best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m['val_loss'], best_mode='min',
+        keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
+    return latest, best
+
+
+def _save(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, metrics: dict | None = None,
+          overwrite: bool = False) -> None:
+    """Atomic Orbax save of (state, meta) at the state's step; `overwrite` replaces a
+    mid-epoch checkpoint of the same step by the end-of-epoch one."""
+    step = int(jax.device_get(state.step))
+    if step in mgr.all_steps():
+        if not overwrite:
+            return
+        mgr.wait_until_finished()
+        mgr.delete(step)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+
+def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = None
+                       ) -> tuple[TrainState, dict]:
+    """Restores (state, meta) of `step` (default latest) into the structure of `state`."""
+    step = mgr.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    meta=ocp.args.JsonRestore()))
+    return out['state'], out['meta']
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __call__(self, signum, frame):
+        if self.received is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is threading.main_thread():
+            old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield self
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        else:
+            yield self
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]) -> None:
+    saved_cfg = os.path.join(workdir, 'config.json')
+    if os.path.exists(saved_cfg) and os.path.isdir(os.path.join(workdir, 'checkpoints', 'latest')):
+        with open(saved_cfg) as f:
+            diffs = incompatible_fields(json.load(f), config)
+        if diffs:
+            raise TrainingError(
+                f'{workdir} holds a run made with another config ({"; ".join(diffs)}). '
+                'Use a new --workdir, or the original config to resume.')
+    names_path = os.path.join(workdir, 'class_names.json')
+    if os.path.exists(names_path):
+        with open(names_path) as f:
+            if json.load(f) != class_names:
+                raise TrainingError(f'{workdir} was trained on other classes than {config.data_dir}; '
+                                    'use a new --workdir.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       data: DataBundle | None = None, stop_after_steps: int | None = None,
+                       quiet: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) in `workdir`; returns the final report of the best checkpoint.
+
+    stop_after_steps: behave as if preempted once the global step reaches it (tests, and
+    time-boxed jobs): save, and return with report['interrupted'] = True.
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    log = Reporter(workdir, quiet)
+    data = data if data is not None else build_data(config)
+    _check_workdir(workdir, config, data.class_names)
+    _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+    _write_json(os.path.join(workdir, 'class_names.json'), data.class_names)
+    if data.skipped:
+        _write_json(os.path.join(workdir, 'skipped_files.json'), data.skipped)
+        log(f'Skipped {len(data.skipped)} unreadable files (list: {workdir}/skipped_files.json).')
+    for note in data.notes:
+        log(note)
+
+    num_classes = len(data.class_names)
+    train_labels = data.train_labels
+    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
+                                               config.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ConfigError(f'--config.batch_size={config.batch_size} is larger than the '
+                          f'{len(data.train)} training images; use a smaller batch.')
+    total_steps = steps_per_epoch * config.num_epochs
+    aug = AugmentConfig.from_config(config)
+    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = create_train_state(config, init_rng, num_classes, steps_per_epoch)
+    train_fn, eval_fn = make_steps(config)
+    latest_mgr, best_mgr = checkpoint_managers(workdir)
+    progress = Progress()
+    if latest_mgr.latest_step() is not None:
+        state, meta = restore_checkpoint(latest_mgr, state)
+        progress = Progress(**meta['progress'])
+        log(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch + 1}).')
+    history_path = os.path.join(workdir, 'metrics.jsonl')
+    history = _read_history(history_path, upto_epoch=progress.epoch)
+
+    log(f'cars_jax: {num_classes} classes, {len(data.train)} train / {len(data.val)} val / '
+        f'{len(data.test)} test images; {steps_per_epoch} steps/epoch x {config.num_epochs} '
+        f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}. '
+        f'Train accuracy is measured on augmented images against the original labels, '
+        f'including MixUp batches ({config.mixup_prob:.0%} of batches), as the seed did.')
+
+    def meta() -> dict:
+        return {'progress': dataclasses.asdict(progress), 'config': json.loads(config.to_json())}
+
+    stopper = _StopSignal()
+    interrupted = False
+    run_start, run_start_step = time.time(), int(state.step)
+    with stopper.installed():
+        while not progress.finished and progress.epoch < config.num_epochs:
+            epoch = progress.epoch
+            ds = pipeline.train_epoch_dataset(
+                data.train, train_labels, aug, seed=config.seed, epoch=epoch,
+                batch_size=config.batch_size, weighted=config.weighted_sampling,
+                use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
+                max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
+                prefetch=config.prefetch_batches)
+            it = pipeline.iterate(ds, progress.iterator)
+            sums = dict(progress.epoch_sums) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
+                                                 'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
+            t_epoch = time.time()
+            step_in_epoch = int(state.step) - epoch * steps_per_epoch
+            for batch in it:
+                step = int(state.step)
+                rng = jax.random.fold_in(base_rng, step)
+                state, m = train_fn(state, {'image': batch['image'], 'label': batch['label']}, rng)
+                m = jax.device_get(m)
+                if not m['finite']:
+                    raise TrainingError(_nonfinite_message(step, epoch, batch, data.train, m,
+                                                           latest_mgr, best_mgr))
+                sums['loss'] += float(m['loss'])
+                sums['accuracy'] += float(m['accuracy'])
+                sums['mixed'] += float(m['mixed'])
+                sums['unmixed_correct'] += float(m['accuracy']) * (1 - float(m['mixed']))
+                sums['n'] += 1
+                step_in_epoch += 1
+                progress.iterator, progress.epoch_sums = it.get_state(), sums
+                if step_in_epoch % config.log_every_steps == 0 and step_in_epoch < steps_per_epoch:
+                    rate = (step_in_epoch * config.batch_size) / max(time.time() - t_epoch, 1e-9)
+                    eta = (steps_per_epoch - step_in_epoch) * config.batch_size / rate
+                    log(f'  epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} '
+                        f'loss {sums["loss"] / sums["n"]:.4f} lr {float(m["lr"]):.2e} '
+                        f'{rate:.1f} img/s, epoch ETA {_fmt_time(eta)}')
+                if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+                    _save(latest_mgr, state, meta())
+                if stopper.received is not None or (stop_after_steps is not None
+                                                    and step + 1 >= stop_after_steps):
+                    interrupted = True
+                    break
+            if interrupted:
+                sums['time'] += time.time() - t_epoch
+                _save(latest_mgr, state, meta())
+                latest_mgr.wait_until_finished()
+                why = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}.get(stopper.received,
+                                                                               'stop requested')
+                log(f'{why}: saved a checkpoint at step {int(state.step)} in {workdir}. '
+                    'Run the same command again to resume.')
+                break
+
+            train_time = sums['time'] + time.time() - t_epoch
+            val = evaluate(eval_fn, state, data.val, config)
+            improved = progress.best_val_loss - val['loss'] > config.min_delta
+            if improved:
+                progress.best_val_loss, progress.best_epoch, progress.bad_epochs = (
+                    val['loss'], epoch, 0)
+            else:
+                progress.bad_epochs += 1
+            n = max(sums['n'], 1)
+            unmixed = n - sums['mixed']
+            record = {
+                'epoch': epoch + 1, 'step': int(state.step),
+                'train_loss': sums['loss'] / n, 'train_accuracy': sums['accuracy'] / n,
+                'train_accuracy_unmixed': sums['unmixed_correct'] / unmixed if unmixed else None,
+                'mixup_share': sums['mixed'] / n,
+                'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_top5': val['top5'],
+                'lr': float(state.lr_schedule(state.step)), 'epoch_time_s': train_time,
+                'img_per_s': n * config.batch_size / max(train_time, 1e-9), 'improved': improved,
+            }
+            history.append(record)
+            with open(history_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            plot_curves(history, os.path.join(workdir, 'curves.png'))
+            done_steps = int(state.step) - run_start_step
+            rate = done_steps / max(time.time() - run_start, 1e-9)
+            eta = (total_steps - int(state.step)) / rate if rate > 0 else 0.0
+            log(f'Epoch {epoch + 1}/{config.num_epochs} | train loss {record["train_loss"]:.4f} '
+                f'acc {record["train_accuracy"]:.3f} | val loss {val["loss"]:.4f} '
+                f'acc {val["accuracy"]:.3f} top5 {val["top5"]:.3f} | lr {record["lr"]:.2e} | '
+                f'{record["img_per_s"]:.1f} img/s, {train_time:.1f}s | ETA {_fmt_time(eta)}'
+                + (' | best, saved' if improved else f' | no improvement {progress.bad_epochs}/'
+                   f'{config.patience}'))
+            stop = progress.bad_epochs >= config.patience
+            progress.epoch, progress.iterator, progress.epoch_sums = epoch + 1, None, {}
+            progress.finished = stop or progress.epoch >= config.num_epochs
+            if improved:
+                _save(best_mgr, state, meta(), metrics={'val_loss': val['loss'],
+                                                        'val_accuracy': val['accuracy']})
+            _save(latest_mgr, state, meta(), overwrite=True)
+            if stop:
+                log(f'Early stopping at epoch {epoch + 1}: no val-loss improvement > '
+                    f'{config.min_delta} for {config.patience} epochs.')
+    latest_mgr.wait_until_finished()
+    best_mgr.wait_until_finished()
+    if interrupted:
+        latest_mgr.close()
+        best_mgr.close()
+        return {'interrupted': True, 'step': int(state.step)}
+
+    report = _final_report(config, workdir, data, state, eval_fn, best_mgr, history, log)
+    latest_mgr.close()
+    best_mgr.close()
+    return report
+
+
+def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eval_fn, best_mgr,
+                  history, log) -> dict[str, Any]:
+    """Restores the best checkpoint and evaluates it: that is what the run reports."""
+    best_step = best_mgr.best_step()
+    if best_step is None:
+        raise TrainingError('no best checkpoint was written (did every epoch fail to improve?)')
+    best_state, best_meta = restore_checkpoint(best_mgr, last_state, best_step)
+    best_epoch = best_meta['progress']['best_epoch'] + 1
+    val = evaluate(eval_fn, best_state, data.val, config)
+    report: dict[str, Any] = {'best_epoch': best_epoch, 'best_step': best_step, 'val': val,
+                              'epochs_run': len(history)}
+    log(f'Best checkpoint: epoch {best_epoch} (step {best_step}): val loss {val["loss"]:.4f}, '
+        f'top-1 {val["accuracy"]:.4f}, top-5 {val["top5"]:.4f} on {val["count"]} images.')
+    if history:
+        last = history[-1]
+        report['last_epoch_val'] = {'epoch': last['epoch'], 'accuracy': last['val_accuracy'],
+                                    'loss': last['val_loss']}
+        log(f'(The seed reported its last in-memory weights instead: epoch {last["epoch"]} had '
+            f'val top-1 {last["val_accuracy"]:.4f}, loss {last["val_loss"]:.4f}. We report the '
+            f'best-val-loss checkpoint.)')
+    if len(data.test):
+        test = evaluate(eval_fn, best_state, data.test, config)
+        report['test'] = test
+        log(f'Test (evaluated once, best checkpoint): top-1 {test["accuracy"]:.4f}, '
+            f'top-5 {test["top5"]:.4f}, loss {test["loss"]:.4f} on {test["count"]} images.')
+    _write_json(os.path.join(workdir, 'final_report.json'), report)
+    return report
+
+
+def _read_history(path: str, upto_epoch: int) -> list[dict]:
+    """metrics.jsonl lines of completed epochs (a crash may have left a line past the ckpt)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r['epoch'] <= upto_epoch]
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+    return rows
+
+
+def _nonfinite_message(step, epoch, batch, records, m, latest_mgr, best_mgr) -> str:
+    files = [records[int(i)].key for i in np.asarray(batch['index'])[:8]]
+    last = latest_mgr.latest_step()
+    best = best_mgr.best_step()
+    return (f'Non-finite loss or gradient at step {step} (epoch {epoch + 1}, loss {m["loss"]}, '
+            f'grad norm {m["grad_norm"]}); the update was not applied. Batch files (first 8): '
+            f'{files}. Last good checkpoint: step {last}; best: step {best}. Lower '
+            '--config.learning_rate or check these images, then rerun to resume from the last '
+            'checkpoint.')
+
+
+__all__ = ['train_and_evaluate', 'evaluate', 'restore_checkpoint', 'checkpoint_managers',
+           'TrainingError', 'Progress']

@@ -1,0 +1,81 @@
+"""The seed's Stanford Cars recipe, value for value (../shared/reference/seed-notebook.md).
+
+Every hyperparameter of the PyTorch notebook is a named field here; override any of them on
+the command line: `python main.py --config=configs/base.py --config.batch_size=64`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- data ------------------------------------------------------------------------------
+    c.data_source = 'folders'      # folders (<dir>/train|test/<class>/*) | devkit | tfds | demo
+    c.data_dir = ''                # root of the chosen layout (tfds: the TFDS data_dir)
+    c.tfds_name = 'cars196'
+    c.val_split = 'test'           # 'test': validate on the test split (the seed) | 'holdout'
+    c.val_fraction = 0.2           # holdout: stratified share of train held out for validation
+    c.use_bbox = False             # devkit/tfds: crop to the annotated bounding box
+    c.bbox_margin = 16             # pixels added around the box before cropping
+    c.num_classes = 196            # checked against the data; 0 = take it from the data
+    c.num_workers = 0              # grain worker processes decoding + augmenting (0 = threads)
+    c.prefetch_batches = 4         # batches buffered ahead of the train step
+    c.weighted_sampling = True     # PyTorch WeightedRandomSampler(1/class count, replacement)
+
+    # ---- augmentation (train; the notebook's order) ----------------------------------------
+    c.image_size = 224
+    c.rrc_scale = (0.8, 1.0)       # RandomResizedCrop(224, scale=(0.8, 1.0))
+    c.rrc_ratio = (3 / 4, 4 / 3)
+    c.hflip_prob = 0.5             # RandomHorizontalFlip()
+    c.rotation_degrees = 15.0      # RandomRotation(15), fill 0
+    c.brightness = 0.2             # ColorJitter(0.2, 0.2, 0.2, 0.1)
+    c.contrast = 0.2
+    c.saturation = 0.2
+    c.hue = 0.1
+    c.translate = 0.1              # RandomAffine(0, translate=(0.1, 0.1), shear=10)
+    c.shear_degrees = 10.0
+    c.blur_kernel = 3              # GaussianBlur(3, sigma=(0.1, 2.0)), always applied
+    c.blur_sigma = (0.1, 2.0)
+    c.grayscale_prob = 0.1         # RandomGrayscale(p=0.1)
+    c.mean = (0.485, 0.456, 0.406) # Normalize(ImageNet)
+    c.std = (0.229, 0.224, 0.225)
+    c.erasing_prob = 0.3           # RandomErasing(p=0.3, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
+    c.erasing_scale = (0.02, 0.33)
+    c.erasing_ratio = (0.3, 3.3)
+    c.erasing_value = 0.0
+    c.eval_resize = 'squash'       # eval: 'squash' to image_size^2 (seed) | 'center_crop'
+
+    # ---- model: the seed's VehicleResNet = ResNet-18 topology + Dropout(0.5) -----------------
+    c.stage_sizes = (2, 2, 2, 2)
+    c.widths = (64, 128, 256, 512)
+    c.dropout = 0.5
+    c.init = 'pytorch'             # pytorch (the seed's defaults) | he_normal
+    c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)
+    c.bn_eps = 1e-5
+    c.conv_impl = 'auto'           # auto: matmul form for 3x3 convs on <=4x4 maps on CPU | xla | matmul
+    c.dtype = 'float32'
+
+    # ---- optimisation ----------------------------------------------------------------------
+    c.batch_size = 32
+    c.num_epochs = 70
+    c.learning_rate = 1e-3         # AdamW lr = OneCycleLR max_lr
+    c.weight_decay = 1e-4
+    c.wd_exclude_bn_bias = False   # the seed decays every parameter
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.pct_start = 0.1              # OneCycleLR(pct_start=0.1, anneal_strategy='cos',
+    c.div_factor = 25.0            #   div_factor=25, final_div_factor=1e4), stepped per batch
+    c.final_div_factor = 1e4
+    c.label_smoothing = 0.05
+    c.mixup_alpha = 0.4
+    c.mixup_prob = 0.5             # share of batches that are mixed
+
+    # ---- early stopping (on validation loss) and checkpoints -------------------------------
+    c.patience = 5
+    c.min_delta = 1e-3
+    c.checkpoint_every_steps = 0   # also save a resume checkpoint every N steps (0: per epoch only)
+    c.max_steps_per_epoch = 0      # >0: cut epochs short (smoke tests)
+    c.log_every_steps = 50         # progress line within an epoch
+    return c

@@ -1,0 +1,101 @@
+"""cars_jax command line: train or evaluate the seed's recipe.
+
+  python main.py --config=configs/demo.py                      # generated demo data, a few CPU minutes
+  python main.py --config=configs/base.py --config.data_dir=/data/stanford_cars --workdir=runs/seed
+  python main.py --config=configs/base.py --config.batch_size=64 ...   # any field overridden
+  python main.py --mode=eval --workdir=runs/seed                # evaluate the best checkpoint
+
+User errors (bad flag values, missing data, incompatible workdirs) end with one line naming the
+problem and the fix, exit code 2; --verbose shows the traceback.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+
+from absl import app, flags
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, 'configs', 'demo.py')
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (hyperparameters), default '
+                                'configs/demo.py; override fields with --config.NAME=VALUE.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, plots). '
+                    'Default: runs/<config file name>.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: train or resume; '
+                  'eval: evaluate the best checkpoint of --workdir.')
+flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
+
+
+def _default_workdir() -> str:
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0]
+    return os.path.join('runs', name)
+
+
+def run(argv) -> int:
+    del argv
+    from cars_jax import train
+    config = FLAGS.config
+    workdir = FLAGS.workdir or _default_workdir()
+    if FLAGS.mode == 'train':
+        report = train.train_and_evaluate(config, workdir)
+        if not report.get('interrupted'):
+            print(f'Done. Best checkpoint, report and curves in {workdir}/', flush=True)
+        return 0
+    if FLAGS.mode == 'eval':
+        from cars_jax.evaluate import evaluate_workdir
+        evaluate_workdir(workdir)
+        return 0
+    raise AssertionError(FLAGS.mode)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cars_jax.config import ConfigError
+    from cars_jax.data.sources import DataError
+    from cars_jax.train import TrainingError
+    return (ConfigError, DataError, TrainingError, FileNotFoundError, PermissionError,
+            NotADirectoryError, IsADirectoryError)
+
+
+def main(argv) -> None:
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:
+        print('Interrupted.', file=sys.stderr)
+        code = 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become messages
+        if FLAGS.verbose or not isinstance(e, _user_errors()):
+            traceback.print_exc()
+        print(f'error: {e}', file=sys.stderr)
+        code = 2 if isinstance(e, _user_errors()) else 1
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with a bad --flag or an unknown --config.field as one line, exit 2."""
+    for a in argv[1:]:
+        if a.startswith('--config=') and not os.path.isfile(a.split('=', 1)[1]):
+            print(f'error: config file {a.split("=", 1)[1]!r} not found; the configs are in '
+                  f'{os.path.join(HERE, "configs")}/ (base.py, demo.py, ...).', file=sys.stderr)
+            sys.exit(2)
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - flags/ml_collections raise several types
+        if '--verbose' in argv:
+            traceback.print_exc()
+        msg = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split()).strip("'")
+        hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
+        if hint:
+            msg = f'unknown config field --config.{hint[2]}: did you mean --config.{hint[1]}?'
+        print(f'error: {msg} (see python main.py --helpfull)', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    if not any(a == '--config' or a.startswith('--config=') for a in sys.argv[1:]):
+        sys.argv.insert(1, f'--config={DEFAULT_CONFIG}')
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,12 @@
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'configs'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# XLA compiles of the same tiny nets repeat across tests and subprocesses: share them.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(os.environ.get('TMPDIR', '/tmp'), 'cars_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')

@@ -1,0 +1,57 @@
+"""configs/ and the config checks: every bad field gives one message naming it."""
+import base
+import demo
+import pytest
+
+from cars_jax.config import ConfigError, incompatible_fields, validate_config
+
+
+def _cfg(**overrides):
+    c = demo.get_config()
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_base_holds_the_seeds_values():
+    c = base.get_config()
+    assert (c.image_size, c.batch_size, c.num_epochs, c.num_classes) == (224, 32, 70, 196)
+    assert (c.learning_rate, c.weight_decay, c.pct_start, c.div_factor, c.final_div_factor) == (
+        1e-3, 1e-4, 0.1, 25.0, 1e4)
+    assert (c.label_smoothing, c.mixup_alpha, c.mixup_prob) == (0.05, 0.4, 0.5)
+    assert (c.patience, c.min_delta, c.dropout) == (5, 1e-3, 0.5)
+    assert tuple(c.rrc_scale) == (0.8, 1.0) and c.rotation_degrees == 15
+    assert (c.brightness, c.contrast, c.saturation, c.hue) == (0.2, 0.2, 0.2, 0.1)
+    assert (c.erasing_prob, tuple(c.erasing_scale), tuple(c.erasing_ratio)) == (
+        0.3, (0.02, 0.33), (0.3, 3.3))
+    assert tuple(c.stage_sizes) == (2, 2, 2, 2) and tuple(c.widths) == (64, 128, 256, 512)
+
+
+def test_demo_config_is_valid():
+    validate_config(demo.get_config())
+
+
+@pytest.mark.parametrize('field,value', [
+    ('learning_rate', -1e-3), ('batch_size', 0), ('num_epochs', -2), ('mixup_prob', 1.5),
+    ('data_source', 'zip'), ('dtype', 'float16'), ('hue', 0.7), ('dropout', 1.0),
+    ('rrc_scale', (1.0, 0.5)), ('blur_kernel', 4), ('stage_sizes', (2, 2)), ('widths', (8, 0, 8, 8)), ('val_split', 'x'),
+    ('learning_rate', float('nan')),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f'--config.{field}'):
+        validate_config(_cfg(**{field: value}))
+
+
+def test_missing_data_dir_points_to_the_demo():
+    c = base.get_config()
+    with pytest.raises(ConfigError, match='data_dir.*configs/demo.py'):
+        validate_config(c)
+
+
+def test_incompatible_fields_lists_structural_changes_only():
+    saved = demo.get_config()
+    import json
+    saved_json = json.loads(saved.to_json())
+    now = _cfg(widths=(8, 8, 8, 8), learning_rate=0.5)
+    diffs = incompatible_fields(saved_json, now)
+    assert len(diffs) == 1 and diffs[0].startswith('widths')

@@ -1,0 +1,100 @@
+"""Label-smoothed CE, mixed CE and top-k against float64 numpy written from PyTorch's definition."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
+
+
+def np_ls_ce(logits, labels, eps):
+    """PyTorch CrossEntropyLoss(label_smoothing=eps, reduction='none'): the (N, K) target form."""
+    x = np.asarray(logits, np.float64)
+    n, k = x.shape
+    z = x - x.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    target = np.full((n, k), eps / k)
+    target[np.arange(n), labels] += 1.0 - eps
+    return -(target * logp).sum(axis=1)
+
+
+RNG = np.random.default_rng(0)
+LOGITS = (RNG.normal(size=(16, 196)) * 3).astype(np.float32)
+LABELS = RNG.integers(0, 196, size=16).astype(np.int32)
+
+
+@pytest.mark.parametrize('eps', [0.0, 0.05, 0.1, 0.5, 1.0])
+def test_smoothed_ce_matches_numpy(eps):
+    got = np.asarray(smoothed_cross_entropy(jnp.asarray(LOGITS), jnp.asarray(LABELS), eps))
+    assert got.shape == (16,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np_ls_ce(LOGITS, LABELS, eps), rtol=2e-6, atol=2e-6)
+
+
+def test_smoothed_ce_known_value():
+    # Uniform logits: every class has p = 1/K, so the loss is log K for any eps and label.
+    k = 196
+    got = smoothed_cross_entropy(jnp.zeros((3, k)), jnp.array([0, 5, 195]), 0.05)
+    np.testing.assert_allclose(np.asarray(got), np.log(k), rtol=1e-6)
+
+
+@pytest.mark.parametrize('eps', [0.0, 0.05])
+def test_smoothed_ce_large_logits_finite(eps):
+    logits = np.zeros((4, 10), np.float32)
+    logits[:, 0] = 1e4
+    logits[:, 1] = -1e4
+    labels = np.array([0, 1, 2, 9], np.int32)
+    fn = jax.jit(smoothed_cross_entropy, static_argnums=2)
+    got = np.asarray(fn(jnp.asarray(logits), jnp.asarray(labels), eps))
+    grad = np.asarray(jax.grad(lambda l: fn(l, jnp.asarray(labels), eps).mean())(
+        jnp.asarray(logits)))
+    assert np.all(np.isfinite(got)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(got, np_ls_ce(logits, labels, eps), rtol=1e-6)
+
+
+def test_smoothed_ce_bfloat16_logits_computed_in_float32():
+    got = smoothed_cross_entropy(jnp.asarray(LOGITS, jnp.bfloat16), jnp.asarray(LABELS), 0.05)
+    ref = np_ls_ce(np.asarray(jnp.asarray(LOGITS, jnp.bfloat16).astype(jnp.float32)),
+                   LABELS, 0.05)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5)
+
+
+def test_mixed_ce_lam_one_is_plain_and_general_lam_matches():
+    lg, la = jnp.asarray(LOGITS), jnp.asarray(LABELS)
+    lb = jnp.asarray(np.roll(LABELS, 3))
+    plain = smoothed_cross_entropy(lg, la, 0.05)
+    np.testing.assert_allclose(np.asarray(mixed_cross_entropy(lg, la, lb, 1.0, 0.05)),
+                               np.asarray(plain), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mixed_cross_entropy(lg, la, lb, 0.0, 0.05)),
+                               np_ls_ce(LOGITS, np.asarray(lb), 0.05), rtol=2e-6)
+    lam = np.float32(0.3)
+    ref = lam * np_ls_ce(LOGITS, LABELS, 0.05) + (1 - lam) * np_ls_ce(LOGITS, np.asarray(lb), 0.05)
+    got = jax.jit(mixed_cross_entropy, static_argnums=4)(lg, la, lb, jnp.float32(lam), 0.05)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-6)
+    # Batch mean = the seed's lam * criterion(out, y_a) + (1 - lam) * criterion(out, y_b).
+    np.testing.assert_allclose(float(got.mean()), ref.mean(), rtol=2e-6)
+
+
+@pytest.mark.parametrize('k', [1, 3, 5])
+def test_topk_matches_numpy_argsort(k):
+    got = np.asarray(jax.jit(topk_correct, static_argnums=2)(
+        jnp.asarray(LOGITS), jnp.asarray(LABELS), k))
+    top = np.argsort(-LOGITS, axis=1)[:, :k]
+    ref = (top == LABELS[:, None]).any(axis=1).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_topk_hits_and_misses_and_ties():
+    logits = jnp.array([[0.1, 0.9, 0.5, 0.2],
+                        [0.1, 0.9, 0.5, 0.2],
+                        [1.0, 1.0, 0.0, 0.0]])
+    labels = jnp.array([1, 2, 1])
+    np.testing.assert_array_equal(np.asarray(topk_correct(logits, labels, 1)), [1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(topk_correct(logits, labels, 2)), [1, 1, 1])
+    # k=1 agrees with argmax (ties go to the lower index in both).
+    np.testing.assert_array_equal(
+        np.asarray(topk_correct(logits, labels, 1)),
+        np.asarray(jnp.argmax(logits, -1) == labels).astype(np.float32))
+    # k beyond the number of classes: everything counts.
+    np.testing.assert_array_equal(np.asarray(topk_correct(logits, labels, 10)), [1, 1, 1])

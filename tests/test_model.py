@@ -1,0 +1,333 @@
+"""cars_jax.model: the seed's ResNet-18 + Dropout in Flax, with PyTorch's numerics."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cars_jax import model as M
+
+# one block per stage keeps compiles short; at 32 px the last two stages are 2x2 and 1x1
+NARROW = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 16, 32))
+NET = M.ResNet(num_classes=5, **NARROW)
+
+
+def _init(net, size=32, seed=0):
+    return M.init_variables(net, jax.random.key(seed), size)
+
+
+@pytest.fixture(scope='module')
+def narrow_vars():
+    """Variables of NET (shared: an init is a compile)."""
+    return _init(NET)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('train', 'mutable'))
+def _apply(net, variables, x, train=False, rng=None, mutable=False):
+    """Jitted `net.apply` (eager flax is slow on CPU); `rng` feeds 'dropout'."""
+    rngs = None if rng is None else {'dropout': rng}
+    return net.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
+
+
+def _images(n=4, size=32, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, size, size, 3), jnp.float32)
+
+
+def _kernels(params):
+    """(path, kernel) of every conv kernel."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [(jax.tree_util.keystr(p), np.asarray(v)) for p, v in flat
+            if p[-1].key == 'kernel' and v.ndim == 4]
+
+
+# ---- topology -----------------------------------------------------------------------------
+
+def test_default_net_has_the_seeds_11277060_parameters():
+    net = M.ResNet(num_classes=196)
+    shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    assert M.count_params(shapes['params']) == 11_277_060
+    stats = shapes['batch_stats']
+    assert set(stats['bn1']) == {'mean', 'var'}
+    assert shapes['params']['fc']['kernel'].shape == (512, 196)
+    assert shapes['params']['conv1']['kernel'].shape == (7, 7, 3, 64)
+
+
+def test_spatial_trace_at_224():
+    net = M.ResNet(num_classes=196)
+    variables = jax.eval_shape(lambda key: M.init_variables(net, key, 224), jax.random.key(0))
+    assert set(variables) == {'params', 'batch_stats'}
+    logits, state = jax.eval_shape(
+        lambda v, x: net.apply(v, x, mutable=['intermediates']),
+        variables, jnp.zeros((2, 224, 224, 3)))
+    inter = {k: v[0].shape for k, v in state['intermediates'].items()}
+    assert inter == {'stem': (2, 112, 112, 64), 'pool': (2, 56, 56, 64),
+                     'stage1': (2, 56, 56, 64), 'stage2': (2, 28, 28, 128),
+                     'stage3': (2, 14, 14, 256), 'stage4': (2, 7, 7, 512)}
+    assert logits.shape == (2, 196) and logits.dtype == jnp.float32
+
+
+def test_projection_shortcuts_exactly_where_shape_changes():
+    net = M.ResNet(num_classes=196)
+    params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))['params']
+    blocks = sorted(k for k in params if k.startswith('l'))
+    assert blocks == ['l1_0', 'l1_1', 'l2_0', 'l2_1', 'l3_0', 'l3_1', 'l4_0', 'l4_1']
+    assert sorted(b for b in blocks if 'down_conv' in params[b]) == ['l2_0', 'l3_0', 'l4_0']
+    assert all(('down_bn' in params[b]) == ('down_conv' in params[b]) for b in blocks)
+    assert params['l2_0']['down_conv']['kernel'].shape == (1, 1, 64, 128)
+    assert set(params['l1_0']) == {'conv1', 'bn1', 'conv2', 'bn2'}
+    # a stride of 2 alone (no change of width) needs a projection too
+    narrow = M.ResNet(num_classes=3, **NARROW)
+    p = jax.eval_shape(narrow.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+    assert [b for b in sorted(p) if 'down_conv' in p.get(b, {})] == ['l2_0', 'l3_0', 'l4_0']
+    assert p['l3_0']['down_conv']['kernel'].shape == (1, 1, 16, 16)
+
+
+# ---- PyTorch padding ----------------------------------------------------------------------
+
+def _numpy_conv_ones(x, k, stride, pad):
+    """Sum over k x k windows of the zero-padded single-channel image: PyTorch's output."""
+    xp = np.pad(x, pad)
+    out = (xp.shape[0] - k) // stride + 1
+    return np.array([[xp[i * stride:i * stride + k, j * stride:j * stride + k].sum()
+                      for j in range(out)] for i in range(out)])
+
+
+@pytest.mark.parametrize('size,out', [(8, 4), (9, 5)])
+@pytest.mark.parametrize('impl', ['xla', 'matmul'])
+def test_stem_conv_pads_like_pytorch(size, out, impl):
+    x = np.random.default_rng(size).uniform(0.5, 1.5, (size, size)).astype(np.float32)
+    conv = M.Conv(1, 7, strides=2, padding=3, impl=impl)
+    y = conv.apply({'params': {'kernel': jnp.ones((7, 7, 1, 1))}}, jnp.asarray(x)[None, :, :, None])
+    assert y.shape == (1, out, out, 1)
+    np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], _numpy_conv_ones(x, 7, 2, 3),
+                               rtol=1e-5)
+    if size == 8:   # 'SAME' would pad (2, 3) here and differ
+        same = np.pad(x, ((2, 3), (2, 3)))
+        assert not np.isclose(np.asarray(y)[0, 0, 0, 0], same[:7, :7].sum())
+
+
+def test_max_pool_pads_with_minus_infinity():
+    x = -1.0 - np.random.default_rng(0).uniform(size=(2, 7, 6, 3)).astype(np.float32)
+    y = np.asarray(M.max_pool_3x3_s2(jnp.asarray(x)))
+    assert y.shape == (2, 4, 3, 3) and (y < -1.0).all()
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    want = np.array([[xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                      for j in range(3)] for i in range(4)]).transpose(2, 0, 1, 3)
+    np.testing.assert_array_equal(y, want)
+
+
+# ---- BatchNorm, dropout, train / eval -----------------------------------------------------
+
+def test_batchnorm_matches_pytorch_train_and_eval():
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.normal(size=(4, 5, 5, 6))).astype(np.float32)
+    bn = M.BatchNorm(use_running_average=False)
+    v = bn.init(jax.random.key(0), x)
+    assert float(v['batch_stats']['mean'].sum()) == 0 and float(v['batch_stats']['var'].sum()) == 6
+    y, upd = bn.apply(v, x, mutable=['batch_stats'])
+    n = 4 * 5 * 5
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    np.testing.assert_allclose(upd['batch_stats']['mean'], 0.9 * 0 + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 * 1 + 0.1 * var * n / (n - 1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+    # eval: running statistics, no update
+    ev = M.BatchNorm(use_running_average=True)
+    y2 = ev.apply({**v, 'batch_stats': upd['batch_stats']}, x)
+    rm, rv = np.asarray(upd['batch_stats']['mean']), np.asarray(upd['batch_stats']['var'])
+    np.testing.assert_allclose(y2, (x - rm) / np.sqrt(rv + 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_train_mode_updates_stem_bn_running_mean_with_momentum_0p1(narrow_vars):
+    v, x = narrow_vars, _images()
+    _, upd = _apply(NET, v, x, train=True, rng=jax.random.key(0), mutable=('batch_stats',))
+    stem = np.asarray(M.conv_xla(x, v['params']['conv1']['kernel'], 2, 3))
+    want = 0.9 * np.asarray(v['batch_stats']['bn1']['mean']) + 0.1 * stem.mean((0, 1, 2))
+    np.testing.assert_allclose(upd['batch_stats']['bn1']['mean'], want, rtol=1e-4, atol=1e-6)
+    changed = jax.tree_util.tree_map(lambda a, b: bool((a != b).any()),
+                                     v['batch_stats'], upd['batch_stats'])
+    assert all(jax.tree_util.tree_leaves(changed))
+
+
+def test_eval_is_deterministic_and_dropout_only_in_train(narrow_vars):
+    v, x = narrow_vars, _images()
+    assert NET.dropout_rate == 0.5
+    e1 = _apply(NET, v, x)
+    e2 = _apply(NET, v, x)
+    np.testing.assert_array_equal(e1, e2)
+
+    def train(net, seed):
+        return _apply(net, v, x, train=True, rng=jax.random.key(seed),
+                      mutable=('batch_stats',))[0]
+    t1, t1b, t2 = train(NET, 1), train(NET, 1), train(NET, 2)
+    np.testing.assert_array_equal(t1, t1b)
+    assert not np.allclose(t1, t2)
+    no_drop = NET.clone(dropout_rate=0.0)
+    np.testing.assert_array_equal(train(no_drop, 1), train(no_drop, 2))
+
+
+# ---- initialisation -----------------------------------------------------------------------
+
+def test_pytorch_init_bounds_and_std(narrow_vars):
+    params = narrow_vars['params']
+    kernels = _kernels(params) + [('fc', np.asarray(params['fc']['kernel']))]
+    assert len(kernels) == 1 + 4 * 2 + 3 + 1
+    pooled = []
+    for path, w in kernels:
+        bound = 1 / math.sqrt(int(np.prod(w.shape[:-1])))     # 1/sqrt(fan_in)
+        assert np.abs(w).max() <= bound, path
+        assert abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.15, path
+        pooled.append(w.ravel() / bound)
+    pooled = np.concatenate(pooled)                           # ~U(-1, 1), 28k numbers
+    assert abs(pooled.std() * math.sqrt(3) - 1) < 0.02 and abs(pooled.mean()) < 0.02
+    b = np.asarray(params['fc']['bias'])
+    assert np.abs(b).max() <= 1 / math.sqrt(32) and b.std() > 0.3 / math.sqrt(32)
+    bn = params['l1_0']['bn2']
+    assert (np.asarray(bn['scale']) == 1).all() and (np.asarray(bn['bias']) == 0).all()
+
+
+def test_he_normal_init_and_zero_init_last_bn():
+    net = NET.clone(init_scheme='he_normal', zero_init_last_bn=True)
+    params = _init(net)['params']
+    pooled = []
+    for path, w in _kernels(params):
+        std = math.sqrt(2 / (w.shape[0] * w.shape[1] * w.shape[3]))   # sqrt(2 / fan_out)
+        assert abs(w.std() / std - 1) < 0.15, path
+        pooled.append(w.ravel() / std)
+    pooled = np.concatenate(pooled)                           # ~N(0, 1), 27k numbers
+    assert abs(pooled.std() - 1) < 0.02 and abs(pooled.mean()) < 0.02
+    assert np.abs(pooled).max() > 3.5                         # not truncated
+    assert (np.asarray(params['fc']['bias']) == 0).all()
+    for b in ('l1_0', 'l2_0', 'l3_0', 'l4_0'):
+        assert (np.asarray(params[b]['bn2']['scale']) == 0).all()
+        assert (np.asarray(params[b]['bn1']['scale']) == 1).all()
+        assert (np.asarray(params[b].get('down_bn', params[b]['bn1'])['scale']) == 1).all()
+    assert (np.asarray(params['bn1']['scale']) == 1).all()
+
+
+# ---- conv implementations -----------------------------------------------------------------
+
+@pytest.mark.parametrize('k,stride,pad,size', [
+    (1, 1, 0, 5), (1, 2, 0, 5), (3, 1, 1, 4), (3, 2, 1, 7), (3, 1, 1, 2), (7, 2, 3, 8)])
+def test_conv_matmul_equals_xla_values_and_grads(k, stride, pad, size):
+    kx, kk, kg = jax.random.split(jax.random.key(k * 100 + stride * 10 + size), 3)
+    x = jax.random.normal(kx, (3, size, size, 5))
+    w = jax.random.normal(kk, (k, k, 5, 6)) / k
+    out = M.conv_output_size(size, k, stride, pad)
+    probe = jax.random.normal(kg, (3, out, out, 6))
+
+    def value_and_grads(impl):
+        conv = M.Conv(6, k, stride, pad, impl=impl)
+
+        def f(x, w):
+            y = conv.apply({'params': {'kernel': w}}, x)
+            return jnp.sum(y * probe), y
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, w)
+
+    (_, yx), gx = value_and_grads('xla')
+    (_, ym), gm = value_and_grads('matmul')
+    assert yx.shape == ym.shape == (3, out, out, 6)
+    np.testing.assert_allclose(ym, yx, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gm, gx):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_conv_impl_choice():
+    on_cpu = jax.default_backend() == 'cpu'
+    assert M.resolve_conv_impl('auto', 4, 4) == ('matmul' if on_cpu else 'xla')
+    assert M.resolve_conv_impl('auto', 2, 2) == ('matmul' if on_cpu else 'xla')
+    assert M.resolve_conv_impl('auto', 5, 4) == 'xla'
+    assert M.resolve_conv_impl('xla', 1, 1) == 'xla'
+    assert M.resolve_conv_impl('matmul', 56, 56) == 'matmul'
+    with pytest.raises(ValueError):
+        M.resolve_conv_impl('cudnn', 1, 1)
+
+
+def test_whole_net_same_logits_for_auto_and_xla_convs(narrow_vars):
+    x = _images()
+    assert NET.conv_impl == 'auto'    # on CPU: matmul in stages 3-4 (2x2, 1x1), xla elsewhere
+    np.testing.assert_allclose(_apply(NET, narrow_vars, x),
+                               _apply(NET.clone(conv_impl='xla'), narrow_vars, x),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---- Grad-CAM hooks -----------------------------------------------------------------------
+
+def test_perturb_gradients_wrt_stage_activations(narrow_vars):
+    v, x = narrow_vars, _images()
+    _, state = _apply(NET, v, x, mutable=('intermediates',))
+    inter = {k: a[0] for k, a in state['intermediates'].items()}
+    assert inter['stage4'].shape == (4, 1, 1, 32)
+    cls = 3
+
+    @jax.jit
+    def logit(pert):
+        return NET.apply({**v, 'perturbations': pert}, x)[:, cls].sum()
+
+    zeros = {k: jnp.zeros_like(inter[k]) for k in ('stage3', 'stage4')}
+    g = jax.jit(jax.grad(logit))(zeros)
+    # logits = mean_hw(stage4) @ W + b  =>  d logit_c / d stage4 = W[:, c] / (h w)
+    h, w = inter['stage4'].shape[1:3]
+    want = np.asarray(v['params']['fc']['kernel'])[:, cls] / (h * w)
+    np.testing.assert_allclose(g['stage4'], np.broadcast_to(want, (4, h, w, 32)), rtol=1e-6)
+    # stage3: the gradient of a hand-built rest of the net (block l4_0, pool, fc) ...
+    block = M.BasicBlock(32, strides=2, norm=functools.partial(M.BatchNorm,
+                                                               use_running_average=True))
+
+    def rest(a3):
+        a4 = block.apply({'params': v['params']['l4_0'],
+                          'batch_stats': v['batch_stats']['l4_0']}, a3)
+        return (a4.mean((1, 2)) @ v['params']['fc']['kernel'] + v['params']['fc']['bias'])[
+            :, cls].sum()
+    np.testing.assert_allclose(g['stage3'], jax.grad(rest)(inter['stage3']),
+                               rtol=1e-5, atol=1e-7)
+    # ... and a central finite difference along a random direction
+    d = jax.random.normal(jax.random.key(5), zeros['stage3'].shape)
+    eps = 1e-4
+    fd = (logit({**zeros, 'stage3': eps * d}) - logit({**zeros, 'stage3': -eps * d})) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.vdot(g['stage3'], d)), float(fd), rtol=1e-2)
+    # zero perturbations change nothing, and none need be given (perturb is then a no-op)
+    np.testing.assert_allclose(logit(zeros), _apply(NET, v, x)[:, cls].sum(), rtol=1e-6)
+    # a partial collection (stage4 only) is fine too
+    np.testing.assert_allclose(jax.grad(logit)({'stage4': zeros['stage4']})['stage4'],
+                               g['stage4'], rtol=1e-6)
+
+
+# ---- dtype, config ------------------------------------------------------------------------
+
+def test_bfloat16_compute_keeps_float32_params_stats_and_logits(narrow_vars):
+    v, x = narrow_vars, _images()
+    net16 = NET.clone(dtype=jnp.bfloat16)
+    params16 = jax.eval_shape(lambda k: M.init_variables(net16, k, 32), jax.random.key(0))
+    assert {a.dtype for a in jax.tree_util.tree_leaves(params16)} == {jnp.dtype(jnp.float32)}
+    logits, upd = _apply(net16, v, x, train=True, rng=jax.random.key(0),
+                         mutable=('batch_stats', 'intermediates'))
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+    assert upd['intermediates']['stage2'][0].dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree_util.tree_leaves(upd['batch_stats'])} == {
+        jnp.dtype(jnp.float32)}
+    ref = _apply(NET, v, x, train=True, rng=jax.random.key(0), mutable=('batch_stats',))[0]
+    np.testing.assert_allclose(logits, ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+def test_build_model_from_config():
+    import importlib.util
+    import pathlib
+    spec = importlib.util.spec_from_file_location(
+        'base_config', pathlib.Path(__file__).parents[1] / 'configs' / 'base.py')
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    assert M.build_model(base.get_config(), 196) == M.ResNet(num_classes=196)
+    c = base.get_config()
+    c.dtype, c.init, c.widths, c.dropout = 'bfloat16', 'he_normal', (8, 16, 32, 64), 0.2
+    c.zero_init_last_bn = True
+    net = M.build_model(c, 7)
+    assert (net.num_classes, net.dtype, net.init_scheme, net.widths, net.zero_init_last_bn,
+            net.dropout_rate) == (7, jnp.bfloat16, 'he_normal', (8, 16, 32, 64), True, 0.2)
+    for field, bad in (('dtype', 'float16'), ('init', 'xavier'), ('conv_impl', 'cudnn')):
+        bad_cfg = base.get_config()
+        bad_cfg[field] = bad
+        with pytest.raises(ValueError, match=field):
+            M.build_model(bad_cfg, 3)

@@ -1,0 +1,112 @@
+"""Grain pipeline: the seed's class-weighted sampler, determinism, exact resume, padding."""
+import numpy as np
+import pytest
+
+from cars_jax.data import pipeline
+from cars_jax.data.augment import AugmentConfig
+from cars_jax.data.sources import Record
+import demo
+
+
+def _aug(size=16):
+    c = demo.get_config()
+    c.image_size = size
+    return AugmentConfig.from_config(c)
+
+
+def _records(labels, size=(20, 14)):
+    rng = np.random.default_rng(0)
+    return [Record(image=rng.integers(0, 256, size + (3,), dtype=np.uint8), label=int(l),
+                   key=f'img{i}') for i, l in enumerate(labels)]
+
+
+def test_class_balanced_probabilities_match_hand_computation():
+    p = pipeline.class_balanced_probabilities(np.array([0, 0, 0, 1]))
+    # weights 1/3,1/3,1/3,1 -> total 2
+    np.testing.assert_allclose(p, [1 / 6, 1 / 6, 1 / 6, 1 / 2])
+
+
+def test_weighted_sampler_equalises_a_10_to_1_imbalance():
+    labels = np.array([0] * 200 + [1] * 20)
+    draws = np.concatenate([labels[pipeline.epoch_indices(labels, seed=3, epoch=e)]
+                            for e in range(20)])
+    assert len(draws) == 20 * 220
+    share = np.mean(draws == 1)
+    sd = np.sqrt(0.25 / len(draws))
+    assert abs(share - 0.5) < 4 * sd
+    # without weighting the minority keeps its natural share 1/11
+    plain = labels[pipeline.epoch_indices(labels, seed=3, epoch=0, weighted=False)]
+    assert np.mean(plain == 1) == pytest.approx(20 / 220)
+
+
+def test_sampler_is_deterministic_in_seed_and_epoch_and_uses_replacement():
+    labels = np.array([0] * 30 + [1] * 3)
+    a = pipeline.epoch_indices(labels, seed=1, epoch=4)
+    np.testing.assert_array_equal(a, pipeline.epoch_indices(labels, seed=1, epoch=4))
+    assert not np.array_equal(a, pipeline.epoch_indices(labels, seed=1, epoch=5))
+    assert not np.array_equal(a, pipeline.epoch_indices(labels, seed=2, epoch=4))
+    assert len(np.unique(a)) < len(a)  # with replacement: minority items repeat
+
+
+def test_train_epoch_batches_shapes_and_determinism():
+    labels = np.array([0] * 12 + [1] * 4 + [2] * 4)
+    recs = _records(labels)
+    kw = dict(seed=0, epoch=0, batch_size=4, weighted=True)
+    ds = pipeline.train_epoch_dataset(recs, labels, _aug(), **kw)
+    batches = list(ds)
+    assert len(batches) == 5
+    b = batches[0]
+    assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.float32
+    assert b['label'].dtype == np.int32
+    np.testing.assert_array_equal(b['label'], labels[b['index']])
+    again = list(pipeline.train_epoch_dataset(recs, labels, _aug(), **kw))
+    for x, y in zip(batches, again):
+        np.testing.assert_array_equal(x['image'], y['image'])
+    other = list(pipeline.train_epoch_dataset(recs, labels, _aug(), **{**kw, 'epoch': 1}))
+    assert not np.array_equal(batches[0]['index'], other[0]['index'])
+
+
+def test_max_steps_cuts_the_epoch():
+    labels = np.arange(20) % 2
+    ds = pipeline.train_epoch_dataset(_records(labels), labels, _aug(), seed=0, epoch=0,
+                                      batch_size=4, max_steps=2)
+    assert len(list(ds)) == 2
+    assert pipeline.steps_per_epoch(20, 4, 2) == 2 and pipeline.steps_per_epoch(21, 4) == 5
+
+
+def test_iterator_state_resumes_exactly():
+    labels = np.arange(24) % 3
+    recs = _records(labels)
+    make = lambda: pipeline.train_epoch_dataset(recs, labels, _aug(), seed=5, epoch=2,
+                                                batch_size=4)
+    it = pipeline.iterate(make())
+    next(it), next(it)
+    state = it.get_state()
+    rest = list(it)
+    resumed = list(pipeline.iterate(make(), state))
+    assert len(resumed) == len(rest) == 4
+    for x, y in zip(rest, resumed):
+        np.testing.assert_array_equal(x['image'], y['image'])
+        np.testing.assert_array_equal(x['index'], y['index'])
+
+
+def test_eval_dataset_covers_every_record_once_and_pads():
+    labels = np.arange(10) % 3
+    batches = [pipeline.pad_batch(b, 4) for b in
+               pipeline.eval_dataset(_records(labels), _aug(), batch_size=4)]
+    assert [b['mask'].sum() for b in batches] == [4, 4, 2]
+    idx = np.concatenate([b['index'][b['mask'] > 0] for b in batches])
+    np.testing.assert_array_equal(idx, np.arange(10))
+    assert batches[-1]['image'].shape == (4, 16, 16, 3)
+    assert np.all(batches[-1]['image'][2:] == 0)
+
+
+def test_a_record_unreadable_mid_epoch_is_substituted_not_fatal(tmp_path):
+    labels = np.array([0, 1, 0, 1])
+    recs = _records(labels)
+    bad = tmp_path / 'gone.jpg'
+    bad.write_bytes(b'not a jpeg')
+    recs[1] = Record(image=str(bad), label=1, key='gone.jpg')
+    batches = list(pipeline.eval_dataset(recs, _aug(), batch_size=4))
+    assert batches[0]['image'].shape[0] == 4
+    assert 1 not in batches[0]['index']  # replaced by the next readable record

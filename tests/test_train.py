@@ -1,0 +1,102 @@
+"""The training loop: metrics/plots/checkpoints, early stopping, exact resume."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cars_jax.train import TrainingError, checkpoint_managers, restore_checkpoint, train_and_evaluate
+from cars_jax.steps import create_train_state
+from test_steps import tiny_config
+
+
+def make_folders(root, n_classes=3, n_train=(10, 6, 4), n_test=3, size=(24, 18)):
+    """A tiny ImageFolder tree: class c is a colour, with noise."""
+    rng = np.random.default_rng(0)
+    for split, counts in (('train', n_train), ('test', (n_test,) * n_classes)):
+        for c in range(n_classes):
+            d = root / split / f'class_{c}'
+            d.mkdir(parents=True)
+            for i in range(counts[c]):
+                img = np.full(size[::-1] + (3,), 40, np.uint8)
+                img[..., c] = 220
+                img = np.clip(img + rng.integers(-30, 30, img.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i:03d}.jpg')
+    return root
+
+
+def run_config(data_dir, **kw):
+    fields = dict(data_source='folders', data_dir=str(data_dir), num_classes=0, batch_size=4,
+                  max_steps_per_epoch=3, num_epochs=2, log_every_steps=2, patience=5)
+    return tiny_config(**{**fields, **kw})
+
+
+def _params(workdir, config, n_classes=3):
+    latest, best = checkpoint_managers(str(workdir))
+    template = create_train_state(config, jax.random.PRNGKey(9), n_classes, 3)
+    state, meta = restore_checkpoint(latest, template)
+    latest.close(), best.close()
+    return state, meta
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp('cars'))
+
+
+def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
+    c = run_config(data_dir)
+    report = train_and_evaluate(c, str(tmp_path), quiet=True)
+    rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    for key in ('train_loss', 'val_loss', 'val_accuracy', 'val_top5', 'lr', 'img_per_s',
+                'mixup_share', 'epoch_time_s'):
+        assert key in rows[0]
+    assert os.path.getsize(tmp_path / 'curves.png') > 1000
+    assert json.load(open(tmp_path / 'class_names.json')) == ['class_0', 'class_1', 'class_2']
+    assert json.load(open(tmp_path / 'config.json'))['batch_size'] == 4
+    best_epoch = min(rows, key=lambda r: r['val_loss'])['epoch']
+    assert report['best_epoch'] == best_epoch
+    np.testing.assert_allclose(report['val']['loss'], rows[best_epoch - 1]['val_loss'], rtol=1e-5)
+    assert report['val']['count'] == 9
+    log = open(tmp_path / 'log.txt').read()
+    assert 'Epoch 2/2' in log and 'last in-memory weights' in log
+
+
+@pytest.mark.parametrize('stop_at', [2, 3, 4])
+def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at):
+    c = run_config(data_dir)
+    straight = tmp_path / 'straight'
+    train_and_evaluate(c, str(straight), quiet=True)
+    split = tmp_path / 'split'
+    out = train_and_evaluate(c, str(split), stop_after_steps=stop_at, quiet=True)
+    assert out == {'interrupted': True, 'step': stop_at}
+    train_and_evaluate(c, str(split), quiet=True)
+    a, meta_a = _params(straight, c)
+    b, meta_b = _params(split, c)
+    assert int(a.step) == int(b.step) == 6
+    for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                    jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows_a = [json.loads(l) for l in open(straight / 'metrics.jsonl')]
+    rows_b = [json.loads(l) for l in open(split / 'metrics.jsonl')]
+    assert [r['val_loss'] for r in rows_a] == [r['val_loss'] for r in rows_b]
+
+
+def test_early_stopping_with_patience(data_dir, tmp_path):
+    # min_delta so large that no epoch after the first counts as an improvement
+    c = run_config(data_dir, num_epochs=5, patience=2, min_delta=100.0)
+    report = train_and_evaluate(c, str(tmp_path), quiet=True)
+    rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    assert len(rows) == 3 and report['epochs_run'] == 3   # epoch 1 best, 2 and 3 bad -> stop
+    assert report['best_epoch'] == 1
+    assert 'Early stopping at epoch 3' in open(tmp_path / 'log.txt').read()
+
+
+def test_resuming_with_an_incompatible_config_is_a_clear_error(data_dir, tmp_path):
+    c = run_config(data_dir)
+    train_and_evaluate(c, str(tmp_path), stop_after_steps=1, quiet=True)
+    with pytest.raises(TrainingError, match='widths'):
+        train_and_evaluate(run_config(data_dir, widths=(4, 4)), str(tmp_path), quiet=True)
