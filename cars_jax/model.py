@@ -308,7 +308,8 @@ def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict:
     224 px). The numbers differ from the optimised build by float rounding (~1e-9) only.
     """
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    fast_compile = jax.default_backend() == 'cpu' and not isinstance(rng, jax.core.Tracer)
+    # (under a trace, e.g. eval_shape, even this dummy is a tracer: no options on nested jits)
+    fast_compile = jax.default_backend() == 'cpu' and not isinstance(dummy, jax.core.Tracer)
     options = {'xla_backend_optimization_level': 0} if fast_compile else None  # top-level only
     init = jax.jit(functools.partial(model.init, train=False), compiler_options=options)
     variables = init(rng, dummy)

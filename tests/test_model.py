@@ -31,8 +31,13 @@ def _apply(net, variables, x, train=False, rng=None, mutable=False):
     return net.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
 
 
+def _normal(shape, seed):
+    """Test data from numpy: every new shape of jax.random costs a compile."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _images(n=4, size=32, seed=1):
-    return jax.random.normal(jax.random.key(seed), (n, size, size, 3), jnp.float32)
+    return _normal((n, size, size, 3), seed)
 
 
 def _kernels(params):
@@ -99,7 +104,7 @@ def _numpy_conv_ones(x, k, stride, pad):
 def test_stem_conv_pads_like_pytorch(size, out, impl):
     x = np.random.default_rng(size).uniform(0.5, 1.5, (size, size)).astype(np.float32)
     conv = M.Conv(1, 7, strides=2, padding=3, impl=impl)
-    y = conv.apply({'params': {'kernel': jnp.ones((7, 7, 1, 1))}}, jnp.asarray(x)[None, :, :, None])
+    y = jax.jit(conv.apply)({'params': {'kernel': jnp.ones((7, 7, 1, 1))}}, x[None, :, :, None])
     assert y.shape == (1, out, out, 1)
     np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], _numpy_conv_ones(x, 7, 2, 3),
                                rtol=1e-5)
@@ -155,7 +160,7 @@ def test_eval_is_deterministic_and_dropout_only_in_train(narrow_vars):
     v, x = narrow_vars, _images()
     assert NET.dropout_rate == 0.5
     e1 = _apply(NET, v, x)
-    e2 = _apply(NET, v, x)
+    e2 = _apply(NET, v, x, rng=jax.random.key(7))     # a dropout rng changes nothing in eval
     np.testing.assert_array_equal(e1, e2)
 
     def train(net, seed):
@@ -212,11 +217,10 @@ def test_he_normal_init_and_zero_init_last_bn():
 @pytest.mark.parametrize('k,stride,pad,size', [
     (1, 1, 0, 5), (1, 2, 0, 5), (3, 1, 1, 4), (3, 2, 1, 7), (3, 1, 1, 2), (7, 2, 3, 8)])
 def test_conv_matmul_equals_xla_values_and_grads(k, stride, pad, size):
-    kx, kk, kg = jax.random.split(jax.random.key(k * 100 + stride * 10 + size), 3)
-    x = jax.random.normal(kx, (3, size, size, 5))
-    w = jax.random.normal(kk, (k, k, 5, 6)) / k
+    x = _normal((3, size, size, 5), seed=1)
+    w = _normal((k, k, 5, 6), seed=2) / k
     out = M.conv_output_size(size, k, stride, pad)
-    probe = jax.random.normal(kg, (3, out, out, 6))
+    probe = _normal((3, out, out, 6), seed=3)
 
     def value_and_grads(impl):
         conv = M.Conv(6, k, stride, pad, impl=impl)
@@ -266,8 +270,9 @@ def test_perturb_gradients_wrt_stage_activations(narrow_vars):
     def logit(pert):
         return NET.apply({**v, 'perturbations': pert}, x)[:, cls].sum()
 
+    grad_logit = jax.jit(jax.grad(logit))
     zeros = {k: jnp.zeros_like(inter[k]) for k in ('stage3', 'stage4')}
-    g = jax.jit(jax.grad(logit))(zeros)
+    g = grad_logit(zeros)
     # logits = mean_hw(stage4) @ W + b  =>  d logit_c / d stage4 = W[:, c] / (h w)
     h, w = inter['stage4'].shape[1:3]
     want = np.asarray(v['params']['fc']['kernel'])[:, cls] / (h * w)
@@ -281,17 +286,17 @@ def test_perturb_gradients_wrt_stage_activations(narrow_vars):
                           'batch_stats': v['batch_stats']['l4_0']}, a3)
         return (a4.mean((1, 2)) @ v['params']['fc']['kernel'] + v['params']['fc']['bias'])[
             :, cls].sum()
-    np.testing.assert_allclose(g['stage3'], jax.grad(rest)(inter['stage3']),
+    np.testing.assert_allclose(g['stage3'], jax.jit(jax.grad(rest))(inter['stage3']),
                                rtol=1e-5, atol=1e-7)
     # ... and a central finite difference along a random direction
-    d = jax.random.normal(jax.random.key(5), zeros['stage3'].shape)
+    d = _normal(zeros['stage3'].shape, seed=5)
     eps = 1e-4
     fd = (logit({**zeros, 'stage3': eps * d}) - logit({**zeros, 'stage3': -eps * d})) / (2 * eps)
     np.testing.assert_allclose(float(jnp.vdot(g['stage3'], d)), float(fd), rtol=1e-2)
     # zero perturbations change nothing, and none need be given (perturb is then a no-op)
     np.testing.assert_allclose(logit(zeros), _apply(NET, v, x)[:, cls].sum(), rtol=1e-6)
     # a partial collection (stage4 only) is fine too
-    np.testing.assert_allclose(jax.grad(logit)({'stage4': zeros['stage4']})['stage4'],
+    np.testing.assert_allclose(grad_logit({'stage4': zeros['stage4']})['stage4'],
                                g['stage4'], rtol=1e-6)
 
 

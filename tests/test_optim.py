@@ -1,7 +1,4 @@
 """make_optimizer against numpy re-implementations of torch.optim.AdamW and SGDW, and the decay mask."""
-import os
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,8 +9,7 @@ import pytest
 from cars_jax.optim import make_optimizer, weight_decay_mask
 from cars_jax.schedules import onecycle_schedule
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-import base  # noqa: E402
+import base  # configs/base.py, on sys.path via tests/conftest.py
 
 
 def flax_like_params():

@@ -72,8 +72,8 @@ MAX_CLASSES = len(GRILLES) * len(LIGHT_SHAPES) * len(LIGHT_COLOURS) * len(BADGES
 # it is scaled to the requested size and mirrored for cars facing left.
 _CW, _CH = 96.0, 72.0
 _SS = 2  # supersampling factor (drawn at 2x, box-filtered down: anti-aliased shapes)
-_CAR_LEN = 72.0  # car length in canonical px at scale 1 (side 0..40, front face 40..72)
-_FACE = (40.0, -32.0, 72.0, -4.0)  # front face / detail region, relative to (x0, ground)
+_CAR_LEN = 76.0  # car length in canonical px at scale 1 (side 0..40, front face 40..76)
+_FACE = (40.0, -35.0, 76.0, -4.0)  # front face / detail region, relative to (x0, ground)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,60 +215,63 @@ def _draw_car(d: ImageDraw.ImageDraw, rng: np.random.Generator, cls: DemoClass,
 
     # shadow on the ground
     sh = _rgb(np.full(3, rng.uniform(10, 50)))
-    d.ellipse(R(-3, -3, 75, 2.5), fill=sh)
+    d.ellipse(R(-3, -3, 79, 2.5), fill=sh)
     # cabin (side windows + windscreen above the front face)
-    d.polygon([P(3, -30), P(12, -46), P(44, -46), P(46, -32), P(44, -30)], fill=side)
-    d.polygon([P(6, -30.5), P(13.5, -43.5), P(25, -43.5), P(25, -30.5)], fill=glass)
-    d.polygon([P(27, -30.5), P(27, -43.5), P(41.5, -43.5), P(42.5, -30.5)], fill=glass)
-    d.polygon([P(42, -32), P(46, -46), P(66, -46), P(70, -32)], fill=face)
-    d.polygon([P(44.5, -33), P(47.5, -44), P(64.5, -44), P(67.5, -33)], fill=glass)
-    d.line([P(50, -42), P(54, -35)], fill=glass_hi, width=lw)  # reflection streak
+    d.polygon([P(3, -33), P(12, -49), P(44, -49), P(46, -35), P(44, -33)], fill=side)
+    d.polygon([P(6, -33.5), P(13.5, -46.5), P(25, -46.5), P(25, -33.5)], fill=glass)
+    d.polygon([P(27, -33.5), P(27, -46.5), P(41.5, -46.5), P(42.5, -33.5)], fill=glass)
+    d.polygon([P(42, -35), P(47, -49), P(69, -49), P(74, -35)], fill=face)
+    d.polygon([P(44.5, -36), P(48.5, -47), P(67.5, -47), P(71.5, -36)], fill=glass)
+    d.line([P(52, -45), P(56, -38)], fill=glass_hi, width=lw)  # reflection streak
     # side body with door line, handle, mirror
-    d.rectangle(R(0, -31, 41, -5), fill=side)
-    d.line([P(25.5, -30), P(25.5, -8)], fill=dark, width=lw)
-    d.rectangle(R(29, -25, 33, -23.5), fill=dark)
-    d.polygon([P(41, -33), P(37, -36), P(37, -32)], fill=side)
+    d.rectangle(R(0, -34, 41, -5), fill=side)
+    d.line([P(25.5, -33), P(25.5, -8)], fill=dark, width=lw)
+    d.rectangle(R(29, -27, 33, -25.5), fill=dark)
+    d.polygon([P(41, -36), P(37, -39), P(37, -35)], fill=side)
     # wheels (side) and tyre stubs under the front face
     for cx in (9.0, 32.0):
         d.ellipse(R(cx - 7, -14, cx + 7, 0), fill=tyre)
         d.ellipse(R(cx - 3.5, -10.5, cx + 3.5, -3.5), fill=hub)
     d.rectangle(R(42, -6, 48, 0), fill=tyre)
-    d.rectangle(R(64, -6, 70, 0), fill=tyre)
+    d.rectangle(R(68, -6, 74, 0), fill=tyre)
     # front face panel + bumper
     fx1, fy1, fx2, fy2 = _FACE
     d.rectangle(R(fx1, fy1, fx2, fy2), fill=face)
-    d.rectangle(R(fx1, -7.5, fx2, fy2), fill=dark)
+    d.rectangle(R(fx1, -5.5, fx2, fy2), fill=dark)
 
-    # ---- the class-defining details ----------------------------------------------------------
-    chrome = (200, 200, 206)
-    black = (18, 18, 20)
-    gx1, gy1, gx2, gy2 = 44.0, -20.0, 68.0, -8.5
+    # ---- the class-defining details: bold and coarse (bars 3.5-4.5 px at 96 x 72), so that
+    # they survive a resize to 64 px, blur and a stride-4 CNN stem -----------------------------
+    chrome = (205, 205, 210)
+    black = (15, 15, 17)
+    gx1, gy1, gx2, gy2 = 43.0, -21.5, 73.0, -6.5  # grille opening, 30 x 15
     if cls.grille != 'None':
         d.rectangle(R(gx1, gy1, gx2, gy2), fill=black)
-        if cls.grille == 'H':
-            for y in (-18.5, -14.75, -11.0):
-                d.rectangle(R(gx1 + 1, y, gx2 - 1, y + 2.5), fill=chrome)
-        elif cls.grille == 'V':
-            for x in np.arange(gx1 + 1.5, gx2 - 1.5, 5.0):
-                d.rectangle(R(x, gy1 + 1, x + 2.5, gy2 - 1), fill=chrome)
-        else:  # Mesh: chrome lattice with square dark holes
-            d.rectangle(R(gx1 + 1, gy1 + 1, gx2 - 1, gy2 - 1), fill=chrome)
-            for x in np.arange(gx1 + 2.0, gx2 - 2.0, 4.5):
-                for y in np.arange(gy1 + 2.0, gy2 - 2.0, 4.5):
-                    d.rectangle(R(x, y, x + 2.5, y + 2.5), fill=black)
+        if cls.grille == 'H':    # two wide horizontal slats
+            for y in (gy1 + 2.5, gy1 + 9.0):
+                d.rectangle(R(gx1 + 1.5, y, gx2 - 1.5, y + 3.5), fill=chrome)
+        elif cls.grille == 'V':  # three wide vertical slats
+            for x in (gx1 + 3.0, gx1 + 12.75, gx1 + 22.5):
+                d.rectangle(R(x, gy1 + 1.5, x + 4.5, gy2 - 1.5), fill=chrome)
+        else:                    # Mesh: chrome lattice with 2 x 4 square dark holes
+            d.rectangle(R(gx1 + 1.0, gy1 + 1.0, gx2 - 1.0, gy2 - 1.0), fill=chrome)
+            for x in (gx1 + 3.0, gx1 + 9.75, gx1 + 16.5, gx1 + 23.25):
+                for y in (gy1 + 3.0, gy1 + 8.5):
+                    d.rectangle(R(x, y, x + 3.75, y + 3.5), fill=black)
     light = LIGHT_COLOURS[cls.light_colour]
     rim = (30, 30, 32)
-    for cx in (46.5, 65.5):
-        if cls.light_shape == 'Round':
-            d.ellipse(R(cx - 4.2, -29.5, cx + 4.2, -21.1), fill=light, outline=rim, width=lw)
-        else:
-            d.rectangle(R(cx - 5.2, -27.6, cx + 5.2, -23.0), fill=light, outline=rim, width=lw)
+    ly = -28.5
+    for cx in (46.5, 69.5):
+        if cls.light_shape == 'Round':  # a tall disc ...
+            d.ellipse(R(cx - 5.2, ly - 5.2, cx + 5.2, ly + 5.2), fill=light, outline=rim, width=lw)
+        else:                           # ... or a flat wide slab
+            d.rectangle(R(cx - 6.2, ly - 2.3, cx + 6.2, ly + 2.3), fill=light, outline=rim,
+                        width=lw)
     shape, colour = BADGES[cls.brand]
-    bx, by, br = 56.0, -25.3, 3.4
+    bx, by, br = 58.0, ly, 4.0
     if shape == 'disc':
         d.ellipse(R(bx - br, by - br, bx + br, by + br), fill=colour, outline=rim, width=lw)
     else:
-        d.polygon([P(bx, by - br - 0.6), P(bx + br, by), P(bx, by + br + 0.6), P(bx - br, by)],
+        d.polygon([P(bx, by - br - 0.8), P(bx + br, by), P(bx, by + br + 0.8), P(bx - br, by)],
                   fill=colour, outline=rim)
 
 
@@ -278,7 +281,7 @@ def render_image(cls: DemoClass, rng: np.random.Generator,
     w, h = int(image_size[0]), int(image_size[1])
     sx, sy = w / _CW * _SS, h / _CH * _SS  # canonical -> supersampled pixels
 
-    k = rng.uniform(0.9, 1.1)                        # car size
+    k = rng.uniform(0.9, 1.07)                       # car size
     ground = rng.uniform(58.0, 68.5)                 # y of the wheels' contact line
     margin = 3.0
     x0 = rng.uniform(margin, _CW - margin - _CAR_LEN * k)
