@@ -15,7 +15,7 @@ import re
 import sys
 import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,8 +26,15 @@ config_flags.DEFINE_config_file('config', None, 'Config file (hyperparameters), 
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, plots). '
                     'Default: runs/<config file name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: train or resume; '
-                  'eval: evaluate the best checkpoint of --workdir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'gradcam', 'predict'],
+                  'train: train or resume; eval: reports of the best checkpoint of --workdir; '
+                  'gradcam: Grad-CAM grid (--images or one validation image per class); '
+                  'predict: top-k classes of --images.')
+flags.DEFINE_string('images', None, 'An image file or a folder of images (gradcam, predict).')
+flags.DEFINE_integer('top_k', 5, 'predict: classes listed per image.')
+flags.DEFINE_bool('tta', False, 'predict: average with the horizontally flipped image.')
+flags.DEFINE_string('layer', 'stage4', 'gradcam: the stage whose activation is explained '
+                    '(stage4 = the seed\'s model.l4).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 
 
@@ -38,6 +45,8 @@ def _default_workdir() -> str:
 
 def run(argv) -> int:
     del argv
+    # Orbax and grain log every save at INFO; keep the console for our own progress lines.
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
     from cars_jax import train
     config = FLAGS.config
     workdir = FLAGS.workdir or _default_workdir()
@@ -46,11 +55,18 @@ def run(argv) -> int:
         if not report.get('interrupted'):
             print(f'Done. Best checkpoint, report and curves in {workdir}/', flush=True)
         return 0
+    from cars_jax import evaluate
     if FLAGS.mode == 'eval':
-        from cars_jax.evaluate import evaluate_workdir
-        evaluate_workdir(workdir)
-        return 0
-    raise AssertionError(FLAGS.mode)
+        evaluate.run_eval(workdir)
+    elif FLAGS.mode == 'gradcam':
+        evaluate.run_gradcam(workdir, FLAGS.images, layer=FLAGS.layer)
+    elif FLAGS.mode == 'predict':
+        if not FLAGS.images:
+            raise FileNotFoundError('--mode=predict needs --images=<image file or folder>.')
+        evaluate.run_predict(workdir, FLAGS.images, top_k=FLAGS.top_k, tta_flip=FLAGS.tta)
+    else:
+        raise AssertionError(FLAGS.mode)
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

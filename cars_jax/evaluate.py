@@ -1,16 +1,78 @@
-"""Evaluation of a finished (or running) workdir: restore the best checkpoint, report."""
+"""Evaluation, reports, Grad-CAM figures and predictions: the impure edge around the model.
+
+  evaluate(...)            loss / top-1 / top-5 sums through the jitted eval step (per epoch)
+  predict_records(...)     class probabilities of every record (for reports)
+  write_eval_report(...)   classification report, per-class CSV, confusion matrix, accuracy bars
+  gradcam_figure(...)      Grad-CAM grid of one image per class (the seed's figure, done right)
+  localisation_scores(...) pointing game / mass inside the demo data's detail boxes vs chance
+  predict_paths(...)       top-k class names of image files, with optional flip TTA
+"""
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from cars_jax.data.dataset import build_data
-from cars_jax.steps import create_train_state, make_steps
+from cars_jax import gradcam as gc
+from cars_jax import metrics, report_plots
+from cars_jax.data import pipeline
+from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
+from cars_jax.data.sources import DataError, Record, decode_image
+from cars_jax.model import build_model
+from cars_jax.steps import TrainState, create_train_state, make_steps
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+def _eval_batches(records: Sequence[Record], config: ml_collections.ConfigDict):
+    ds = pipeline.eval_dataset(records, AugmentConfig.from_config(config),
+                               batch_size=config.batch_size, use_bbox=config.use_bbox,
+                               bbox_margin=config.bbox_margin, num_workers=config.num_workers,
+                               prefetch=config.prefetch_batches)
+    for batch in ds:
+        yield pipeline.pad_batch(batch, config.batch_size)
+
+
+def evaluate(eval_fn: Callable, state: TrainState, records: Sequence[Record],
+             config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Label-smoothed loss, top-1 and top-5 over all records (padded last batch)."""
+    sums: dict[str, float] = {}
+    for batch in _eval_batches(records, config):
+        out = jax.device_get(eval_fn(state, {k: batch[k] for k in ('image', 'label', 'mask')}))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(sums.get('count', 0.0), 1.0)
+    return {'loss': sums.get('loss_sum', float('nan')) / n,
+            'accuracy': sums.get('correct_sum', 0.0) / n, 'top5': sums.get('top5_sum', 0.0) / n,
+            'count': int(sums.get('count', 0))}
+
+
+def _variables(state: TrainState) -> dict:
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def predict_records(state: TrainState, records: Sequence[Record], config: ml_collections.ConfigDict
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probs (N, K), labels (N,), record indices (N,)) of every record, inference mode."""
+    predict = jax.jit(lambda s, x: jax.nn.softmax(
+        s.apply_fn(_variables(s), x, train=False).astype(jnp.float32), axis=-1))
+    probs, labels, index = [], [], []
+    for batch in _eval_batches(records, config):
+        keep = batch['mask'] > 0
+        probs.append(np.asarray(predict(state, batch['image']))[keep])
+        labels.append(batch['label'][keep])
+        index.append(batch['index'][keep])
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(index)
+
+
+# ---- checkpoints of a workdir ----------------------------------------------------------------
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote to its workdir."""
@@ -22,14 +84,21 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int):
+def load_class_names(workdir: str) -> list[str]:
+    with open(os.path.join(workdir, 'class_names.json')) as f:
+        return json.load(f)
+
+
+def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_classes: int
+                       ) -> tuple[TrainState, dict]:
     """(state, meta) of the best checkpoint of `workdir`."""
-    from cars_jax.train import checkpoint_managers, restore_checkpoint
+    from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint
     latest_mgr, best_mgr = checkpoint_managers(workdir)
     try:
         step = best_mgr.best_step()
         if step is None:
-            raise FileNotFoundError(f'no best checkpoint in {workdir}/checkpoints/best yet.')
+            raise FileNotFoundError(f'no best checkpoint in {workdir}/checkpoints/best yet '
+                                    '(it is written after the first epoch).')
         template = create_train_state(config, jax.random.PRNGKey(0), num_classes,
                                       steps_per_epoch=1)
         return restore_checkpoint(best_mgr, template, step)
@@ -38,18 +107,257 @@ def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_clas
         best_mgr.close()
 
 
-def evaluate_workdir(workdir: str) -> dict[str, Any]:
-    """Top-1/top-5/loss of the best checkpoint on the validation (and test) split."""
-    from cars_jax.train import evaluate
+# ---- reports ---------------------------------------------------------------------------------
+
+def write_eval_report(state: TrainState, records: Sequence[Record], class_names: list[str],
+                      config: ml_collections.ConfigDict, out_dir: str, split: str,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Classification report of `records` written to out_dir/{split}_*: JSON, per-class CSV,
+    confusion matrix PNG and per-class accuracy PNG; returns the report."""
+    os.makedirs(out_dir, exist_ok=True)
+    probs, labels, _ = predict_records(state, records, config)
+    k = len(class_names)
+    report = metrics.classification_report(labels, probs, k, class_names)
+    cm = metrics.confusion_matrix(labels, probs.argmax(1), k)
+    metrics.write_per_class_csv(report, os.path.join(out_dir, f'{split}_per_class.csv'))
+    report_plots.plot_confusion_matrix(cm, class_names, os.path.join(out_dir, f'{split}_confusion.png'))
+    report_plots.plot_per_class_accuracy(report, os.path.join(out_dir, f'{split}_per_class_accuracy.png'))
+    with open(os.path.join(out_dir, f'{split}_report.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    log(f'[{split}] ' + metrics.format_report(report).replace('\n', f'\n[{split}] '))
+    return report
+
+
+def localisation_scores(state: TrainState, model, records: Sequence[Record], regions: dict,
+                        data_dir: str, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Grad-CAM against the demo data's detail boxes, on correctly classified images.
+
+    pointing game: share whose map maximum lies in the box; mass inside: mean share of the
+    map's mass in the box; chance: mean share of the image the box covers (a uniform map's
+    mass share, and the pointing-game score of a random point)."""
+    cam_fn = gc.make_gradcam_fn(model)
+    s = config.image_size
+    hits, masses, areas = [], [], []
+    for batch in _eval_batches(records, config):
+        out = jax.device_get(cam_fn(_variables(state), batch['image']))
+        for i in np.flatnonzero(batch['mask'] > 0):
+            rec = records[int(batch['index'][i])]
+            if int(out['targets'][i]) != rec.label:
+                continue
+            rel = os.path.relpath(rec.image, data_dir).replace(os.sep, '/')
+            if rel not in regions:
+                continue
+            w, h = _image_size(rec.image)
+            box = np.asarray([gc.scale_box(regions[rel], (w, h), (s, s))], np.float32)
+            cam = out['cam'][i][None]
+            hits.append(gc.pointing_game(cam, box)[0])
+            masses.append(gc.mass_inside(cam, box)[0])
+            areas.append(gc.box_area_share(box, s, s)[0])
+    if not hits:
+        return {'images': 0}
+    return {'images': len(hits), 'pointing_game': float(np.mean(hits)),
+            'mass_inside': float(np.mean(masses)), 'chance_area_share': float(np.mean(areas))}
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+def one_per_class(records: Sequence[Record], n_classes: int) -> list[int]:
+    """Index of the first record of each of the first n classes (the seed's Grad-CAM pick)."""
+    first: dict[int, int] = {}
+    for i in range(len(records)):
+        label = records[i].label
+        if label < n_classes and label not in first:
+            first[label] = i
+        if len(first) == n_classes:
+            break
+    return [first[c] for c in sorted(first)]
+
+
+def gradcam_figure(state: TrainState, model, images: np.ndarray, labels: Sequence[int] | None,
+                   class_names: list[str], config: ml_collections.ConfigDict, path: str,
+                   titles: Sequence[str] | None = None, layer: str = 'stage4') -> dict:
+    """Grad-CAM grid of normalised eval images (N, S, S, 3); labels None = unknown truth."""
+    out = jax.device_get(gc.make_gradcam_fn(model, layer)(_variables(state), jnp.asarray(images)))
+    preds = out['targets']
+    conf = out['probs'][np.arange(len(preds)), preds]
+    true_names = ([class_names[int(l)] for l in labels] if labels is not None
+                  else list(titles or ['?'] * len(preds)))
+    pred_names = [class_names[int(p)] for p in preds]
+    gc.plot_gradcam_grid(denormalize(images, config.mean, config.std), out['cam'], true_names,
+                         pred_names, conf, path, title=f'Grad-CAM ({layer}, predicted class)')
+    return {'preds': preds, 'confidence': conf}
+
+
+# ---- predictions on files ----------------------------------------------------------------
+
+def image_paths(path: str) -> list[str]:
+    """An image file, or every image file under a folder (sorted)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'--images={path} does not exist (give an image file or a folder).')
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+    if not found:
+        raise FileNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under {path}.')
+    return found
+
+
+def load_eval_images(paths: Sequence[str], config: ml_collections.ConfigDict
+                     ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Eval-transformed images of the readable paths, and (path, reason) of the others."""
+    aug = AugmentConfig.from_config(config)
+    images, ok, bad = [], [], []
+    for p in paths:
+        try:
+            images.append(eval_transform(decode_image(p), aug))
+            ok.append(p)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
+            bad.append((p, str(getattr(e, 'reason', e))))
+    shape = (0, config.image_size, config.image_size, 3)
+    return (np.stack(images) if images else np.zeros(shape, np.float32)), ok, bad
+
+
+def predict_paths(state: TrainState, paths: Sequence[str], class_names: list[str],
+                  config: ml_collections.ConfigDict, *, top_k: int = 5, tta_flip: bool = False,
+                  csv_path: str | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Top-k (name, probability) per readable image; flip TTA averages the probabilities of
+    the image and its mirror. Writes a CSV (path, rank, class, name, probability)."""
+    images, ok, bad = load_eval_images(paths, config)
+    predict = jax.jit(lambda s, x: jax.nn.softmax(
+        s.apply_fn(_variables(s), x, train=False).astype(jnp.float32), axis=-1))
+    rows = []
+    bs = config.batch_size
+    for start in range(0, len(ok), bs):
+        x = images[start:start + bs]
+        pad = bs - len(x)
+        xp = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+        probs = np.asarray(predict(state, xp))
+        if tta_flip:
+            probs = 0.5 * (probs + np.asarray(predict(state, xp[:, :, ::-1])))
+        for j, p in enumerate(probs[:len(x)]):
+            top = np.argsort(-p, kind='stable')[:top_k]
+            rows.append({'path': ok[start + j],
+                         'top': [(int(c), class_names[int(c)], float(p[c])) for c in top]})
+    if csv_path:
+        tmp = csv_path + '.tmp'
+        with open(tmp, 'w', newline='', encoding='utf-8') as f:
+            w = csv.writer(f)
+            w.writerow(['path', 'rank', 'class', 'name', 'probability'])
+            for r in rows:
+                for rank, (c, name, prob) in enumerate(r['top'], 1):
+                    w.writerow([r['path'], rank, c, name, f'{prob:.6f}'])
+            for p, reason in bad:
+                w.writerow([p, '', '', f'UNREADABLE: {reason}', ''])
+        os.replace(tmp, csv_path)
+    return rows, bad
+
+
+# ---- the CLI modes ---------------------------------------------------------------------------
+
+def _load(workdir: str):
     config = load_run_config(workdir)
-    data = build_data(config)
-    state, meta = restore_best_state(workdir, config, len(data.class_names))
-    _, eval_fn = make_steps(config)
-    out: dict[str, Any] = {'best_epoch': meta['progress']['best_epoch'] + 1}
-    for name, records in (('val', data.val), ('test', data.test)):
+    class_names = load_class_names(workdir)
+    state, meta = restore_best_state(workdir, config, len(class_names))
+    return config, class_names, state, meta
+
+
+def _demo_regions(config) -> dict | None:
+    path = os.path.join(config.data_dir, 'regions.json')
+    if config.data_source in ('demo', 'folders') and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def full_report(state: TrainState, data, config: ml_collections.ConfigDict, out_dir: str,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Reports of the validation (and test) split, plus Grad-CAM localisation scores when the
+    data records detail regions (the demo); writes out_dir/summary.json."""
+    class_names = data.class_names
+    result: dict[str, Any] = {}
+    for split, records in (('val', data.val), ('test', data.test)):
         if len(records):
-            out[name] = evaluate(eval_fn, state, records, config)
-            r = out[name]
-            print(f'{name}: top-1 {r["accuracy"]:.4f} top-5 {r["top5"]:.4f} loss {r["loss"]:.4f} '
-                  f'({r["count"]} images, best checkpoint of epoch {out["best_epoch"]})', flush=True)
-    return out
+            result[split] = write_eval_report(state, records, class_names, config, out_dir, split,
+                                              log)
+    regions = _demo_regions(config)
+    if regions is not None:
+        model = build_model(config, len(class_names))
+        loc = localisation_scores(state, model, data.val, regions, config.data_dir, config)
+        result['localisation'] = loc
+        if loc.get('images'):
+            log(f'Grad-CAM localisation on {loc["images"]} correctly classified validation images: '
+                f'pointing game {loc["pointing_game"]:.3f}, map mass inside the detail box '
+                f'{loc["mass_inside"]:.3f}; chance (box area share) {loc["chance_area_share"]:.3f}.')
+    summary = {k: ({m: v[m] for m in ('top1', 'top5', 'macro_f1', 'weighted_f1')}
+                   if k in ('val', 'test') else v) for k, v in result.items()}
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    log(f'Reports in {out_dir}/')
+    return result
+
+
+def run_eval(workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """--mode=eval: the best checkpoint's full report (see `full_report`)."""
+    from cars_jax.data.dataset import build_data
+    config, class_names, state, meta = _load(workdir)
+    data = build_data(config)
+    if data.class_names != class_names:
+        raise DataError(f'the classes under {config.data_dir} differ from those {workdir} was '
+                        'trained on.')
+    log(f'Best checkpoint: epoch {meta["progress"]["best_epoch"] + 1}.')
+    return full_report(state, data, config, os.path.join(workdir, 'eval'), log)
+
+
+def run_gradcam(workdir: str, images: str | None = None, num_classes_shown: int = 10,
+                layer: str = 'stage4', log: Callable[[str], None] = print) -> str:
+    """--mode=gradcam: a grid for --images, or one validation image per class of the first
+    `num_classes_shown` classes (the seed's figure)."""
+    config, class_names, state, _ = _load(workdir)
+    model = build_model(config, len(class_names))
+    if images:
+        paths = image_paths(images)[:40]
+        x, ok, bad = load_eval_images(paths, config)
+        for p, reason in bad:
+            log(f'skipped unreadable {p}: {reason}')
+        if not ok:
+            raise DataError(f'none of the images under {images} could be read.')
+        labels, titles = None, [os.path.basename(p) for p in ok]
+    else:
+        from cars_jax.data.dataset import build_data
+        data = build_data(config)
+        idx = one_per_class(data.val, num_classes_shown)
+        aug = AugmentConfig.from_config(config)
+        x = np.stack([eval_transform(decode_image(data.val[i]), aug) for i in idx])
+        labels, titles = [data.val[i].label for i in idx], None
+    path = os.path.join(workdir, 'gradcam.png')
+    out = gradcam_figure(state, model, x, labels, class_names, config, path, titles, layer)
+    if labels is not None:
+        log(f'{int(np.sum(out["preds"] == np.asarray(labels)))}/{len(labels)} shown images correct.')
+    log(f'Grad-CAM grid written to {path}')
+    return path
+
+
+def run_predict(workdir: str, images: str, top_k: int = 5, tta_flip: bool = False,
+                log: Callable[[str], None] = print) -> str:
+    """--mode=predict: top-k class names with probabilities per image, and a CSV."""
+    config, class_names, state, _ = _load(workdir)
+    paths = image_paths(images)
+    csv_path = os.path.join(workdir, 'predictions.csv')
+    rows, bad = predict_paths(state, paths, class_names, config, top_k=top_k, tta_flip=tta_flip,
+                              csv_path=csv_path)
+    for r in rows:
+        log(r['path'] + ': ' + ', '.join(f'{name} {p:.1%}' for _, name, p in r['top']))
+    for p, reason in bad:
+        log(f'{p}: UNREADABLE ({reason})')
+    log(f'{len(rows)} images predicted{f", {len(bad)} unreadable" if bad else ""}; CSV: {csv_path}')
+    return csv_path
+
+
+__all__ = ['evaluate', 'predict_records', 'write_eval_report', 'localisation_scores',
+           'gradcam_figure', 'predict_paths', 'full_report', 'run_eval', 'run_gradcam',
+           'run_predict']

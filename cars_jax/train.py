@@ -26,13 +26,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cars_jax.config import ConfigError, incompatible_fields, validate_config
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
 from cars_jax.data.sources import Record
+from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
+from cars_jax.evaluate import evaluate, full_report
 from cars_jax.plots import plot_curves
 from cars_jax.steps import TrainState, create_train_state, make_steps
 
@@ -59,26 +60,6 @@ def _fmt_time(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-# ---- evaluation ---------------------------------------------------------------------------
-
-def evaluate(eval_fn: Callable, state: TrainState, records: Sequence[Record],
-             config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Label-smoothed loss, top-1 and top-5 over all records (padded last batch)."""
-    ds = pipeline.eval_dataset(records, AugmentConfig.from_config(config),
-                               batch_size=config.batch_size, use_bbox=config.use_bbox,
-                               bbox_margin=config.bbox_margin, num_workers=config.num_workers,
-                               prefetch=config.prefetch_batches)
-    sums: dict[str, float] = {}
-    for batch in ds:
-        batch = pipeline.pad_batch(batch, config.batch_size)
-        out = jax.device_get(eval_fn(state, {k: batch[k] for k in ('image', 'label', 'mask')}))
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    n = max(sums.get('count', 0.0), 1.0)
-    return {'loss': sums.get('loss_sum', float('nan')) / n, 'accuracy': sums.get('correct_sum', 0) / n,
-            'top5': sums.get('top5_sum', 0) / n, 'count': int(sums.get('count', 0))}
-
-
 # ---- checkpoints ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -91,40 +72,6 @@ class Progress:
     bad_epochs: int = 0
     epoch_sums: dict = dataclasses.field(default_factory=dict)
     finished: bool = False
-
-
-def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    latest = ocp.CheckpointManager(os.path.join(root, 'latest'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True, cleanup_tmp_directories=True))
-    best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m['val_loss'], best_mode='min',
-        keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
-    return latest, best
-
-
-def _save(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, metrics: dict | None = None,
-          overwrite: bool = False) -> None:
-    """Atomic Orbax save of (state, meta) at the state's step; `overwrite` replaces a
-    mid-epoch checkpoint of the same step by the end-of-epoch one."""
-    step = int(jax.device_get(state.step))
-    if step in mgr.all_steps():
-        if not overwrite:
-            return
-        mgr.wait_until_finished()
-        mgr.delete(step)
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           meta=ocp.args.JsonSave(meta)), metrics=metrics)
-
-
-def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = None
-                       ) -> tuple[TrainState, dict]:
-    """Restores (state, meta) of `step` (default latest) into the structure of `state`."""
-    step = mgr.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    meta=ocp.args.JsonRestore()))
-    return out['state'], out['meta']
 
 
 class _StopSignal:
@@ -267,14 +214,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         f'loss {sums["loss"] / sums["n"]:.4f} lr {float(m["lr"]):.2e} '
                         f'{rate:.1f} img/s, epoch ETA {_fmt_time(eta)}')
                 if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
-                    _save(latest_mgr, state, meta())
+                    save_checkpoint(latest_mgr, state, meta())
                 if stopper.received is not None or (stop_after_steps is not None
                                                     and step + 1 >= stop_after_steps):
                     interrupted = True
                     break
             if interrupted:
                 sums['time'] += time.time() - t_epoch
-                _save(latest_mgr, state, meta())
+                save_checkpoint(latest_mgr, state, meta())
                 latest_mgr.wait_until_finished()
                 why = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}.get(stopper.received,
                                                                                'stop requested')
@@ -318,9 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             progress.epoch, progress.iterator, progress.epoch_sums = epoch + 1, None, {}
             progress.finished = stop or progress.epoch >= config.num_epochs
             if improved:
-                _save(best_mgr, state, meta(), metrics={'val_loss': val['loss'],
+                save_checkpoint(best_mgr, state, meta(), metrics={'val_loss': val['loss'],
                                                         'val_accuracy': val['accuracy']})
-            _save(latest_mgr, state, meta(), overwrite=True)
+            save_checkpoint(latest_mgr, state, meta(), overwrite=True)
             if stop:
                 log(f'Early stopping at epoch {epoch + 1}: no val-loss improvement > '
                     f'{config.min_delta} for {config.patience} epochs.')
@@ -362,6 +309,7 @@ def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eva
         report['test'] = test
         log(f'Test (evaluated once, best checkpoint): top-1 {test["accuracy"]:.4f}, '
             f'top-5 {test["top5"]:.4f}, loss {test["loss"]:.4f} on {test["count"]} images.')
+    report['reports'] = full_report(best_state, data, config, os.path.join(workdir, 'eval'), log)
     _write_json(os.path.join(workdir, 'final_report.json'), report)
     return report
 

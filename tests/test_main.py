@@ -52,7 +52,28 @@ def test_demo_trains_is_interrupted_and_resumes(demo_dir, tmp_path):
     report = json.load(open(workdir / 'final_report.json'))
     assert report['val']['count'] == 24
     ev = run_main('--mode=eval', f'--workdir={workdir}')
-    assert ev.returncode == 0 and 'val: top-1' in ev.stdout, ev.stderr
+    assert ev.returncode == 0 and '[val] top-1 accuracy' in ev.stdout, ev.stderr
+    assert 'pointing game' in ev.stdout and 'chance (box area share)' in ev.stdout
+    for name in ('val_per_class.csv', 'val_confusion.png', 'val_per_class_accuracy.png',
+                 'summary.json'):
+        assert (workdir / 'eval' / name).exists(), name
+    cam = run_main('--mode=gradcam', f'--workdir={workdir}')
+    assert cam.returncode == 0 and (workdir / 'gradcam.png').stat().st_size > 5000, cam.stderr
+    # predict: a folder with two good images and a truncated one -> reported, not a crash
+    images = tmp_path / 'images'
+    images.mkdir()
+    good = sorted((demo_dir / 'test').glob('*/00000.jpg'))[:2]
+    for i, g in enumerate(good):
+        (images / f'car{i}.jpg').write_bytes(g.read_bytes())
+    (images / 'broken.jpg').write_bytes(good[0].read_bytes()[:300])
+    pred = run_main('--mode=predict', f'--workdir={workdir}', f'--images={images}', '--top_k=2',
+                    '--tta')
+    assert pred.returncode == 0, pred.stderr
+    assert 'broken.jpg: UNREADABLE' in pred.stdout and '2 images predicted, 1 unreadable' in pred.stdout
+    rows = (workdir / 'predictions.csv').read_text().splitlines()
+    assert rows[0] == 'path,rank,class,name,probability' and len(rows) == 1 + 2 * 2 + 1
+    missing = run_main('--mode=predict', f'--workdir={workdir}', f'--images={tmp_path}/none')
+    assert missing.returncode == 2 and 'does not exist' in missing.stderr
 
 
 @pytest.mark.parametrize('flag,needle', [

@@ -125,7 +125,7 @@ def test_ensure_regenerates_partial_tree_and_skips_complete_one(demo, tmp_path, 
     (stale / '00000.jpg').write_bytes(b'half-written')
     (root / 'regions.json').write_text('{')
     (root / 'keep.txt').write_text('not ours')            # unrelated files are left alone
-    assert not synthetic.is_complete(root, **KW)
+    assert not synthetic.is_complete(root)
     assert synthetic.ensure_demo_dataset(root, num_workers=1, **KW) == root
     files = _files(root)
     assert files.pop('keep.txt') == b'not ours'
@@ -148,10 +148,11 @@ def test_ensure_regenerates_partial_tree_and_skips_complete_one(demo, tmp_path, 
     files.pop('keep.txt')
     assert files == _files(demo)
 
-    # other parameters: regenerated
+    # a complete tree is used as it is, even when other parameters are asked for
+    monkeypatch.setattr(synthetic, 'generate_demo_dataset', fail)
     synthetic.ensure_demo_dataset(root, num_workers=1, **dict(KW, num_classes=2))
-    assert len(_class_dirs(root, 'train')) == 2
-    assert synthetic.is_complete(root, **dict(KW, num_classes=2))
+    monkeypatch.undo()
+    assert len(_class_dirs(root, 'train')) == KW['num_classes']
 
 
 def test_class_names_unique_valid_folder_names():

@@ -1,0 +1,49 @@
+"""Orbax checkpoints of a run: `latest` (resume) and `best` (kept by validation loss).
+
+Both hold a Composite of the TrainState (StandardSave) and a JSON `meta` (epoch, Grain
+iterator position, early-stopping counters, config). Orbax writes to a temporary directory and
+renames it when complete, so a kill at any moment leaves either the old or the new checkpoint,
+never a torn one; `cleanup_tmp_directories` removes leftovers of a killed save on start.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from cars_jax.steps import TrainState
+
+
+def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    latest = ocp.CheckpointManager(os.path.join(root, 'latest'), options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True, cleanup_tmp_directories=True))
+    best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m['val_loss'], best_mode='min',
+        keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
+    return latest, best
+
+
+def save_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, metrics: dict | None = None,
+          overwrite: bool = False) -> None:
+    """Atomic Orbax save of (state, meta) at the state's step; `overwrite` replaces a
+    mid-epoch checkpoint of the same step by the end-of-epoch one."""
+    step = int(jax.device_get(state.step))
+    if step in mgr.all_steps():
+        if not overwrite:
+            return
+        mgr.wait_until_finished()
+        mgr.delete(step)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+
+def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = None
+                       ) -> tuple[TrainState, dict]:
+    """Restores (state, meta) of `step` (default latest) into the structure of `state`."""
+    step = mgr.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    meta=ocp.args.JsonRestore()))
+    return out['state'], out['meta']
