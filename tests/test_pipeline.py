@@ -110,3 +110,18 @@ def test_a_record_unreadable_mid_epoch_is_substituted_not_fatal(tmp_path):
     batches = list(pipeline.eval_dataset(recs, _aug(), batch_size=4))
     assert batches[0]['image'].shape[0] == 4
     assert 1 not in batches[0]['index']  # replaced by the next readable record
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+    labels = np.arange(24) % 3
+    recs = _records(labels)
+    make = lambda w: pipeline.train_epoch_dataset(recs, labels, _aug(), seed=0, epoch=0,
+                                                  batch_size=4, num_workers=w)
+    threads = list(make(0))
+    it = iter(make(1))
+    first = [next(it), next(it)]
+    state = it.get_state()
+    rest = list(pipeline.iterate(make(1), state))
+    assert len(first) + len(rest) == len(threads) == 6
+    for x, y in zip(threads, first + rest):
+        np.testing.assert_array_equal(x['image'], y['image'])

@@ -95,3 +95,20 @@ def test_make_steps_binds_config_and_donates_state():
     state, m = train(state, _batch(), jax.random.PRNGKey(2))
     assert float(m['mixed']) == 1.0  # mixup_prob=1 from the config reached the step
     assert float(evaluate(state, _batch())['count']) == 8
+
+
+def test_eval_step_compiles_once():
+    c = tiny_config()
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    traces = []
+
+    def counted(s, b):
+        traces.append(1)
+        return eval_step(s, b)
+
+    step = jax.jit(counted)
+    for seed in range(3):
+        batch = _batch(seed=seed)
+        batch['mask'] = np.ones(8, np.float32)
+        step(state, batch)
+    assert len(traces) == 1

@@ -100,3 +100,20 @@ def test_resuming_with_an_incompatible_config_is_a_clear_error(data_dir, tmp_pat
     train_and_evaluate(c, str(tmp_path), stop_after_steps=1, quiet=True)
     with pytest.raises(TrainingError, match='widths'):
         train_and_evaluate(run_config(data_dir, widths=(4, 4)), str(tmp_path), quiet=True)
+
+
+def test_checkpoint_every_steps_saves_mid_epoch(data_dir, tmp_path, monkeypatch):
+    import cars_jax.train as train_mod
+    saved = []
+    real = train_mod.save_checkpoint
+
+    def spy(mgr, state, meta, metrics=None, overwrite=False):
+        if metrics is None:  # the latest manager (best saves carry metrics)
+            saved.append((int(state.step), meta['progress']['iterator'] is not None))
+        return real(mgr, state, meta, metrics, overwrite)
+
+    monkeypatch.setattr(train_mod, 'save_checkpoint', spy)
+    train_and_evaluate(run_config(data_dir, checkpoint_every_steps=2), str(tmp_path), quiet=True)
+    # mid-epoch saves (with an iterator position) at steps 2 and 4; epoch ends at 3 and 6
+    assert (2, True) in saved and (4, True) in saved
+    assert (3, False) in saved and (6, False) in saved

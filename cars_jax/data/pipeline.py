@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
+from absl import flags
 import numpy as np
 
 from cars_jax.data.augment import AugmentConfig, eval_transform, train_transform
@@ -111,6 +112,10 @@ def _read_options(num_workers: int, prefetch: int) -> grain.ReadOptions:
 def _to_iter(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
     it = ds.to_iter_dataset(_read_options(num_workers, prefetch))
     if num_workers > 0:
+        # Grain's worker processes read absl flags; outside `app.run` (notebooks, pytest) they
+        # are unparsed and grain raises UnparsedFlagAccessError. Use the flag defaults then.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                          per_worker_buffer_size=max(prefetch, 1)))
     return it
