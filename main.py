@@ -26,15 +26,20 @@ config_flags.DEFINE_config_file('config', None, 'Config file (hyperparameters), 
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, plots). '
                     'Default: runs/<config file name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'gradcam', 'predict'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'gradcam', 'predict', 'export'],
                   'train: train or resume; eval: reports of the best checkpoint of --workdir; '
                   'gradcam: Grad-CAM grid (--images or one validation image per class); '
-                  'predict: top-k classes of --images.')
+                  'predict: top-k classes of --images; export: a jax.export serving artifact.')
+flags.DEFINE_string('init_from', None, 'eval/gradcam/predict/export: use the seed notebook\'s '
+                    'PyTorch checkpoint (best_high_acc_model.pt) instead of a workdir checkpoint; '
+                    'class names come from --config.data_dir. Needs torch (CPU build).')
+flags.DEFINE_string('export_dir', None, 'export: output folder (default <workdir>/export).')
+flags.DEFINE_list('export_platforms', None, 'export: e.g. cpu,cuda (default: this backend).')
 flags.DEFINE_string('images', None, 'An image file or a folder of images (gradcam, predict).')
 flags.DEFINE_integer('top_k', 5, 'predict: classes listed per image.')
 flags.DEFINE_bool('tta', False, 'predict: average with the horizontally flipped image.')
-flags.DEFINE_string('layer', 'stage4', 'gradcam: the stage whose activation is explained '
-                    '(stage4 = the seed\'s model.l4).')
+flags.DEFINE_string('layer', None, 'gradcam: the stage whose activation is explained, '
+                    'stage1..stageN (default: the last, as the seed\'s model.l4).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 
 
@@ -56,14 +61,18 @@ def run(argv) -> int:
             print(f'Done. Best checkpoint, report and curves in {workdir}/', flush=True)
         return 0
     from cars_jax import evaluate
+    src = {'init_from': FLAGS.init_from, 'config': config}
     if FLAGS.mode == 'eval':
-        evaluate.run_eval(workdir)
+        evaluate.run_eval(workdir, **src)
     elif FLAGS.mode == 'gradcam':
-        evaluate.run_gradcam(workdir, FLAGS.images, layer=FLAGS.layer)
+        evaluate.run_gradcam(workdir, FLAGS.images, layer=FLAGS.layer, **src)
     elif FLAGS.mode == 'predict':
         if not FLAGS.images:
             raise FileNotFoundError('--mode=predict needs --images=<image file or folder>.')
-        evaluate.run_predict(workdir, FLAGS.images, top_k=FLAGS.top_k, tta_flip=FLAGS.tta)
+        evaluate.run_predict(workdir, FLAGS.images, top_k=FLAGS.top_k, tta_flip=FLAGS.tta, **src)
+    elif FLAGS.mode == 'export':
+        evaluate.run_export(workdir, FLAGS.export_dir or os.path.join(workdir, 'export'),
+                            FLAGS.export_platforms, **src)
     else:
         raise AssertionError(FLAGS.mode)
     return 0
@@ -72,8 +81,9 @@ def run(argv) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cars_jax.config import ConfigError
     from cars_jax.data.sources import DataError
+    from cars_jax.interop import InteropError
     from cars_jax.train import TrainingError
-    return (ConfigError, DataError, TrainingError, FileNotFoundError, PermissionError,
+    return (ConfigError, DataError, TrainingError, InteropError, FileNotFoundError, PermissionError,
             NotADirectoryError, IsADirectoryError)
 
 

@@ -135,7 +135,7 @@ def localisation_scores(state: TrainState, model, records: Sequence[Record], reg
     pointing game: share whose map maximum lies in the box; mass inside: mean share of the
     map's mass in the box; chance: mean share of the image the box covers (a uniform map's
     mass share, and the pointing-game score of a random point)."""
-    cam_fn = gc.make_gradcam_fn(model)
+    cam_fn = gc.make_gradcam_fn(model, last_stage(config))
     s = config.image_size
     hits, masses, areas = [], [], []
     for batch in _eval_batches(records, config):
@@ -159,6 +159,11 @@ def localisation_scores(state: TrainState, model, records: Sequence[Record], reg
             'mass_inside': float(np.mean(masses)), 'chance_area_share': float(np.mean(areas))}
 
 
+def last_stage(config: ml_collections.ConfigDict) -> str:
+    """Name of the last stage's activation (the seed's model.l4 for ResNet-18)."""
+    return f'stage{len(config.stage_sizes)}'
+
+
 def _image_size(path: str) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as im:
@@ -179,8 +184,10 @@ def one_per_class(records: Sequence[Record], n_classes: int) -> list[int]:
 
 def gradcam_figure(state: TrainState, model, images: np.ndarray, labels: Sequence[int] | None,
                    class_names: list[str], config: ml_collections.ConfigDict, path: str,
-                   titles: Sequence[str] | None = None, layer: str = 'stage4') -> dict:
-    """Grad-CAM grid of normalised eval images (N, S, S, 3); labels None = unknown truth."""
+                   titles: Sequence[str] | None = None, layer: str | None = None) -> dict:
+    """Grad-CAM grid of normalised eval images (N, S, S, 3); labels None = unknown truth;
+    layer None = the last stage."""
+    layer = layer or last_stage(config)
     out = jax.device_get(gc.make_gradcam_fn(model, layer)(_variables(state), jnp.asarray(images)))
     preds = out['targets']
     conf = out['probs'][np.arange(len(preds)), preds]
@@ -259,11 +266,29 @@ def predict_paths(state: TrainState, paths: Sequence[str], class_names: list[str
 
 # ---- the CLI modes ---------------------------------------------------------------------------
 
-def _load(workdir: str):
-    config = load_run_config(workdir)
-    class_names = load_class_names(workdir)
-    state, meta = restore_best_state(workdir, config, len(class_names))
-    return config, class_names, state, meta
+def _load(workdir: str, init_from: str | None = None,
+          config: ml_collections.ConfigDict | None = None):
+    """(config, class_names, state, meta) of a workdir's best checkpoint, or of a seed PyTorch
+    checkpoint (`init_from`, a .pt state_dict) with the class names of config's data."""
+    if init_from is None:
+        config = load_run_config(workdir)
+        class_names = load_class_names(workdir)
+        state, meta = restore_best_state(workdir, config, len(class_names))
+        return config, class_names, state, meta
+    from cars_jax import interop
+    from cars_jax.data.dataset import build_data
+    _, variables, arch = interop.model_from_torch_checkpoint(init_from, config)
+    class_names = build_data(config).class_names
+    if len(class_names) != arch['num_classes']:
+        raise interop.InteropError(
+            f'{init_from} has {arch["num_classes"]} outputs but {config.data_dir} has '
+            f'{len(class_names)} classes; point --config.data_dir at the data it was trained on.')
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy with the ckpt's shape
+    config.stage_sizes, config.widths = tuple(arch['stage_sizes']), tuple(arch['widths'])
+    template = create_train_state(config, jax.random.PRNGKey(0), len(class_names), 1)
+    state = template.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+    os.makedirs(workdir, exist_ok=True)
+    return config, class_names, state, {'progress': {'best_epoch': -1}, 'init_from': init_from}
 
 
 def _demo_regions(config) -> dict | None:
@@ -301,24 +326,33 @@ def full_report(state: TrainState, data, config: ml_collections.ConfigDict, out_
     return result
 
 
-def run_eval(workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_eval(workdir: str, log: Callable[[str], None] = print, init_from: str | None = None,
+             config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
     """--mode=eval: the best checkpoint's full report (see `full_report`)."""
     from cars_jax.data.dataset import build_data
-    config, class_names, state, meta = _load(workdir)
+    config, class_names, state, meta = _load(workdir, init_from, config)
     data = build_data(config)
     if data.class_names != class_names:
         raise DataError(f'the classes under {config.data_dir} differ from those {workdir} was '
                         'trained on.')
-    log(f'Best checkpoint: epoch {meta["progress"]["best_epoch"] + 1}.')
+    log(f'Evaluating {init_from}.' if init_from else
+        f'Best checkpoint: epoch {meta["progress"]["best_epoch"] + 1}.')
     return full_report(state, data, config, os.path.join(workdir, 'eval'), log)
 
 
 def run_gradcam(workdir: str, images: str | None = None, num_classes_shown: int = 10,
-                layer: str = 'stage4', log: Callable[[str], None] = print) -> str:
+                layer: str | None = None, log: Callable[[str], None] = print,
+                init_from: str | None = None, config: ml_collections.ConfigDict | None = None
+                ) -> str:
     """--mode=gradcam: a grid for --images, or one validation image per class of the first
     `num_classes_shown` classes (the seed's figure)."""
-    config, class_names, state, _ = _load(workdir)
+    config, class_names, state, _ = _load(workdir, init_from, config)
     model = build_model(config, len(class_names))
+    stages = [f'stage{i + 1}' for i in range(len(config.stage_sizes))]
+    if layer is not None and layer not in stages:
+        from cars_jax.config import ConfigError
+        raise ConfigError(f'--layer={layer} is not a stage of this model; choose one of '
+                          f'{", ".join(stages)}.')
     if images:
         paths = image_paths(images)[:40]
         x, ok, bad = load_eval_images(paths, config)
@@ -343,10 +377,11 @@ def run_gradcam(workdir: str, images: str | None = None, num_classes_shown: int 
 
 
 def run_predict(workdir: str, images: str, top_k: int = 5, tta_flip: bool = False,
-                log: Callable[[str], None] = print) -> str:
+                log: Callable[[str], None] = print, init_from: str | None = None,
+                config: ml_collections.ConfigDict | None = None) -> str:
     """--mode=predict: top-k class names with probabilities per image, and a CSV."""
-    config, class_names, state, _ = _load(workdir)
     paths = image_paths(images)
+    config, class_names, state, _ = _load(workdir, init_from, config)
     csv_path = os.path.join(workdir, 'predictions.csv')
     rows, bad = predict_paths(state, paths, class_names, config, top_k=top_k, tta_flip=tta_flip,
                               csv_path=csv_path)
@@ -358,6 +393,21 @@ def run_predict(workdir: str, images: str, top_k: int = 5, tta_flip: bool = Fals
     return csv_path
 
 
+def run_export(workdir: str, export_dir: str, platforms: Sequence[str] | None = None,
+               log: Callable[[str], None] = print, init_from: str | None = None,
+               config: ml_collections.ConfigDict | None = None) -> str:
+    """--mode=export: the best checkpoint (or a seed .pt) as a self-contained jax.export
+    artifact with its class names and preprocessing (load it with the copied serving.py)."""
+    from cars_jax.export import export_model
+    config, class_names, state, _ = _load(workdir, init_from, config)
+    model = build_model(config, len(class_names))
+    export_model(_variables(state), model, class_names, config, export_dir, config.image_size,
+                 platforms=tuple(platforms) if platforms else None)
+    log(f'Exported to {export_dir}/ (load: python -c "import sys; sys.path.insert(0, '
+        f"'{export_dir}'); import serving; p = serving.load_exported('{export_dir}')\")")
+    return export_dir
+
+
 __all__ = ['evaluate', 'predict_records', 'write_eval_report', 'localisation_scores',
            'gradcam_figure', 'predict_paths', 'full_report', 'run_eval', 'run_gradcam',
-           'run_predict']
+           'run_predict', 'run_export']

@@ -191,7 +191,7 @@ def variables_to_torch_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
     for collection in ('params', 'batch_stats'):
         for path, value in _flat(variables[collection]).items():
             key = torch_key(collection, path)
-            out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value)))
+            out[key] = np.array(_to_torch_layout(np.asarray(value)), order='C')  # writable
             if collection == 'batch_stats':
                 out[key.rsplit('.', 1)[0] + '.num_batches_tracked'] = np.array(0, np.int64)
     return out
