@@ -20,7 +20,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', 'data/demo', 'Image-folder data (generated demo data if absent).')
 flags.DEFINE_integer('image_size', 224, 'Output size of the train transform.')
 flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-flags.DEFINE_integer('batches', 20, 'Batches timed per repeat (after the first, warm-up, batch).')
+flags.DEFINE_integer('batches', 20, 'Batches timed per repeat (from iterator creation).')
 flags.DEFINE_integer('repeats', 3, 'Repeats; the median is reported.')
 flags.DEFINE_string('workers', '0,1,2', 'Comma-separated num_workers values.')
 flags.DEFINE_string('out', 'runs/bench_loader.json', 'Where to write the JSON results.')
@@ -55,11 +55,12 @@ def run_loader(data_dir, image_size, batch_size, batches, repeats, workers) -> d
 
     def grain_loader(num_workers: int, epoch: int) -> float:
         ds = pipeline.train_epoch_dataset(records, labels, aug, seed=0, epoch=epoch,
-                                          batch_size=batch_size, max_steps=batches + 1,
+                                          batch_size=batch_size, max_steps=batches,
                                           num_workers=num_workers)
-        it = iter(ds)
-        next(it)  # warm-up: worker start, first decode
+        # Timed from the iterator's creation: worker start-up counts, and batches that workers
+        # buffered ahead cannot inflate the rate.
         t = time.perf_counter()
+        it = iter(ds)
         for _ in range(batches):
             next(it)
         return n_images / (time.perf_counter() - t)

@@ -6,14 +6,17 @@ MixUp lambda, AdamW under the one-cycle schedule. No globals, no I/O: wrap it in
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from flax.training import train_state
 
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
@@ -106,14 +109,33 @@ def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def make_steps(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh ('data') over the local devices: the batch is split along it, the state
+    replicated. With one device every sharding is trivial and nothing changes."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    return Mesh(np.asarray(devices), ('data',))
+
+
+def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None
+               ) -> tuple[Callable, Callable]:
     """train_step / eval_step with the config's hyperparameters bound, each jitted once.
 
-    The state is donated to the train step: XLA updates parameters in place.
+    The state is donated to the train step: XLA updates parameters in place. With a `mesh`
+    (data parallelism without pmap): batches are sharded over its 'data' axis and the state
+    replicated; XLA's SPMD partitioner inserts the gradient all-reduce, and BatchNorm's batch
+    statistics are means over the *global* batch, so the trajectory equals one device's.
     """
-    train = jax.jit(lambda s, b, r: train_step(s, b, r, label_smoothing=config.label_smoothing,
-                                               mixup_alpha=config.mixup_alpha,
-                                               mixup_prob=config.mixup_prob),
-                    donate_argnums=(0,))
-    evaluate = jax.jit(lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing))
+    train_fn = lambda s, b, r: train_step(s, b, r, label_smoothing=config.label_smoothing,
+                                          mixup_alpha=config.mixup_alpha,
+                                          mixup_prob=config.mixup_prob)
+    eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing)
+    if mesh is None or mesh.size == 1:
+        return jax.jit(train_fn, donate_argnums=(0,)), jax.jit(eval_fn)
+    if config.batch_size % mesh.size:
+        raise ValueError(f'--config.batch_size={config.batch_size} must be divisible by the '
+                         f'{mesh.size} devices of the data-parallel mesh.')
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    train = jax.jit(train_fn, in_shardings=(replicated, split, replicated),
+                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+    evaluate = jax.jit(eval_fn, in_shardings=(replicated, split), out_shardings=replicated)
     return train, evaluate
