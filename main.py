@@ -10,6 +10,7 @@ problem and the fix, exit code 2; --verbose shows the traceback.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -52,6 +53,8 @@ def run(argv) -> int:
     del argv
     # Orbax and grain log every save at INFO; keep the console for our own progress lines.
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+    if not FLAGS.verbose:  # library errors (e.g. a failed Orbax save) as one line each
+        logging.get_absl_handler().addFilter(_drop_traceback)
     from cars_jax import train
     config = FLAGS.config
     workdir = FLAGS.workdir or _default_workdir()
@@ -94,11 +97,33 @@ def main(argv) -> None:
         print('Interrupted.', file=sys.stderr)
         code = 130
     except Exception as e:  # noqa: BLE001 - the one place errors become messages
-        if FLAGS.verbose or not isinstance(e, _user_errors()):
+        user = isinstance(e, _user_errors()) or _disk_full(e)
+        if FLAGS.verbose or not user:
             traceback.print_exc()
-        print(f'error: {e}', file=sys.stderr)
-        code = 2 if isinstance(e, _user_errors()) else 1
+        print(f'error: {_disk_full_message(e) if _disk_full(e) else e}', file=sys.stderr)
+        code = 2 if user else 1
+        if _disk_full(e):  # Orbax's failed save threads would print pages at interpreter exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     sys.exit(code)
+
+
+def _drop_traceback(record) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_message(e: OSError) -> str:
+    workdir = FLAGS.workdir or _default_workdir()
+    return (f'the disk is full ({e.strerror}) writing {e.filename or workdir}. Free space there '
+            f'(or use another --workdir) and run the same command again: the finished checkpoints '
+            f'in {workdir}/checkpoints are intact (an unfinished save is a temporary folder, '
+            f'removed on the next start).')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -115,8 +140,12 @@ def parse_flags(argv: list[str]) -> list[str]:
             traceback.print_exc()
         msg = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split()).strip("'")
         hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
+        name = re.sub(r'[\'"]', '', msg)
         if hint:
             msg = f'unknown config field --config.{hint[2]}: did you mean --config.{hint[1]}?'
+        elif any(a.split('=', 1)[0] == f'--config.{name}' for a in argv[1:]):
+            msg = (f'unknown config field --config.{name}: the fields and their meaning are in '
+                   f'{os.path.join(HERE, "configs", "base.py")}')
         print(f'error: {msg} (see python main.py --helpfull)', file=sys.stderr)
         sys.exit(2)
 

@@ -8,6 +8,7 @@ never a torn one; `cleanup_tmp_directories` removes leftovers of a killed save o
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,9 +35,25 @@ def save_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, m
         if not overwrite:
             return
         mgr.wait_until_finished()
-        mgr.delete(step)
+        _delete_atomically(mgr, step)
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+
+def _delete_atomically(mgr: ocp.CheckpointManager, step: int) -> None:
+    """Deletes a step by first renaming it to an Orbax temporary name: a kill during the
+    (non-atomic) rmtree leaves a folder that cleanup_tmp_directories removes on the next
+    start, never a torn step that would be taken for the latest checkpoint."""
+    path = os.path.join(os.fspath(mgr.directory), str(step))
+    if not os.path.isdir(path):  # another step name format: Orbax's own delete
+        mgr.delete(step)
+        return
+    trash = f'{path}.orbax-checkpoint-tmp-deleted'
+    if os.path.exists(trash):  # left by an earlier kill (normally cleaned on start)
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+    mgr.reload()
+    shutil.rmtree(trash)
 
 
 def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -35,7 +36,7 @@ from cars_jax.data.sources import Record
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
 from cars_jax.plots import plot_curves
-from cars_jax.steps import TrainState, create_train_state, make_steps
+from cars_jax.steps import TrainState, create_train_state, data_parallel_mesh, make_steps
 
 
 class TrainingError(RuntimeError):
@@ -98,6 +99,21 @@ class _StopSignal:
             yield self
 
 
+@contextlib.contextmanager
+def _closed_on_error(*managers):
+    """On an error, let in-flight saves finish or fail before the error is reported: a
+    process that exits under Orbax's background threads prints pages of their tracebacks."""
+    try:
+        yield
+    except BaseException:
+        for mgr in managers:
+            try:
+                mgr.close()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        raise
+
+
 # ---- the loop -------------------------------------------------------------------------------
 
 def _write_json(path: str, obj: Any) -> None:
@@ -105,6 +121,18 @@ def _write_json(path: str, obj: Any) -> None:
     with open(tmp, 'w') as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def _make_workdir(workdir: str) -> None:
+    """Creates the run directory; a one-line error with the fix when it cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, '.write_test'), 'w') as f:  # os.access lies for root
+            f.write('ok')
+        os.remove(os.path.join(workdir, '.write_test'))
+    except OSError as e:
+        raise TrainingError(f'cannot write the run directory --workdir={workdir} ({e.strerror}: '
+                            f'{e.filename}); pass a writable --workdir.') from e
 
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]) -> None:
@@ -133,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     time-boxed jobs): save, and return with report['interrupted'] = True.
     """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    _make_workdir(workdir)
     log = Reporter(workdir, quiet)
     data = data if data is not None else build_data(config)
     _check_workdir(workdir, config, data.class_names)
@@ -156,11 +184,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     aug = AugmentConfig.from_config(config)
     init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state = create_train_state(config, init_rng, num_classes, steps_per_epoch)
-    train_fn, eval_fn = make_steps(config)
+    # Data parallel over all local devices (batch split, state replicated); one device: plain jit.
+    mesh = data_parallel_mesh() if jax.local_device_count() > 1 else None
+    train_fn, eval_fn = make_steps(config, mesh)
     latest_mgr, best_mgr = checkpoint_managers(workdir)
     progress = Progress()
     if latest_mgr.latest_step() is not None:
-        state, meta = restore_checkpoint(latest_mgr, state)
+        state, meta = _restore_resumable(latest_mgr, state, workdir, log)
         progress = Progress(**meta['progress'])
         log(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch + 1}).')
     history_path = os.path.join(workdir, 'metrics.jsonl')
@@ -178,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     stopper = _StopSignal()
     interrupted = False
     run_start, run_start_step = time.time(), int(state.step)
-    with stopper.installed():
+    with stopper.installed(), _closed_on_error(latest_mgr, best_mgr):
         while not progress.finished and progress.epoch < config.num_epochs:
             epoch = progress.epoch
             ds = pipeline.train_epoch_dataset(
@@ -231,6 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
             train_time = sums['time'] + time.time() - t_epoch
             val = evaluate(eval_fn, state, data.val, config)
+            if val['count'] and not math.isfinite(val['loss']):  # diverged: never checkpoint it
+                raise TrainingError(_nonfinite_message(int(state.step), epoch, None, data.train,
+                                                       val, latest_mgr, best_mgr))
             improved = progress.best_val_loss - val['loss'] > config.min_delta
             if improved:
                 progress.best_val_loss, progress.best_epoch, progress.bad_epochs = (
@@ -315,24 +348,63 @@ def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eva
 
 
 def _read_history(path: str, upto_epoch: int) -> list[dict]:
-    """metrics.jsonl lines of completed epochs (a crash may have left a line past the ckpt)."""
+    """metrics.jsonl lines of completed epochs (a crash may have left a line past the ckpt,
+    or a torn last line); rewritten atomically, so a kill here loses nothing."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if r['epoch'] <= upto_epoch]
-    with open(path, 'w') as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    rows = [r for r in rows if isinstance(r, dict) and r.get('epoch', math.inf) <= upto_epoch]
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in rows)
+    os.replace(tmp, path)
     return rows
 
 
+def _restore_resumable(mgr, template: TrainState, workdir: str, log) -> tuple[TrainState, dict]:
+    """The newest `latest` checkpoint that restores. One torn by a disk error or a kill in the
+    middle of a delete is skipped (with a warning) for the older one max_to_keep=2 keeps."""
+    errors = []
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            state, meta = restore_checkpoint(mgr, template, step)
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
+            errors.append(f'step {step}: {type(e).__name__}: {" ".join(str(e).split())[:160]}')
+            continue
+        if errors:
+            log(f'Warning: skipped unreadable checkpoint(s) in {workdir}/checkpoints/latest '
+                f'({"; ".join(errors)}); resuming from step {step}.')
+        return state, meta
+    raise TrainingError(f'no checkpoint in {workdir}/checkpoints/latest can be read '
+                        f'({"; ".join(errors)}). Move that folder away to start over.')
+
+
 def _nonfinite_message(step, epoch, batch, records, m, latest_mgr, best_mgr) -> str:
-    files = [records[int(i)].key for i in np.asarray(batch['index'])[:8]]
-    last = latest_mgr.latest_step()
-    best = best_mgr.best_step()
-    return (f'Non-finite loss or gradient at step {step} (epoch {epoch + 1}, loss {m["loss"]}, '
-            f'grad norm {m["grad_norm"]}); the update was not applied. Batch files (first 8): '
-            f'{files}. Last good checkpoint: step {last}; best: step {best}. Lower '
+    # Name only finished checkpoints: wait for a save still being written in the background.
+    for mgr in (latest_mgr, best_mgr):
+        try:
+            mgr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - a failed save is not a good checkpoint anyway
+            pass
+    last, best = latest_mgr.latest_step(), best_mgr.best_step()
+    where = os.path.dirname(os.fspath(latest_mgr.directory))
+    last = f'step {last} in {where}/latest' if last is not None else 'none yet'
+    best = f'step {best} in {where}/best' if best is not None else 'none yet'
+    if batch is None:
+        detail = (f'Non-finite validation loss ({m["loss"]}) after epoch {epoch + 1} (step '
+                  f'{step}): the weights diverged and were not saved.')
+    else:
+        files = [records[int(i)].key for i in np.asarray(batch['index'])[:8]]
+        detail = (f'Non-finite loss or gradient at step {step} (epoch {epoch + 1}, loss {m["loss"]}, '
+                  f'grad norm {m["grad_norm"]}); the update was not applied. Batch files '
+                  f'(first 8): {files}.')
+    return (f'{detail} Last good checkpoint: {last}; best: {best}. Lower '
             '--config.learning_rate or check these images, then rerun to resume from the last '
             'checkpoint.')
 
