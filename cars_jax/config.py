@@ -19,6 +19,7 @@ _CHOICES = {
     'init': ('pytorch', 'he_normal'),
     'conv_impl': ('auto', 'xla', 'matmul'),
     'dtype': ('float32', 'bfloat16'),
+    'optimizer': ('adamw', 'sgd'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
@@ -26,7 +27,8 @@ _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_
 _POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
                        'translate', 'shear_degrees', 'mixup_alpha', 'min_delta')
-_PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2')
+_PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2',
+                'momentum')
 _RANGES = ('rrc_scale', 'rrc_ratio', 'blur_sigma', 'erasing_scale', 'erasing_ratio')
 
 

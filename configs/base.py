@@ -51,12 +51,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.widths = (64, 128, 256, 512)
     c.dropout = 0.5
     c.init = 'pytorch'             # pytorch (the seed's defaults) | he_normal
+    c.zero_init_last_bn = False    # zero the scale of each block's last BN (not the seed)
     c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)
     c.bn_eps = 1e-5
     c.conv_impl = 'auto'           # auto: matmul form for 3x3 convs on <=4x4 maps on CPU | xla | matmul
     c.dtype = 'float32'
 
     # ---- optimisation ----------------------------------------------------------------------
+    c.optimizer = 'adamw'          # adamw (the seed) | sgd (Nesterov, decoupled decay)
+    c.momentum = 0.9               # sgd only
     c.batch_size = 32
     c.num_epochs = 70
     c.learning_rate = 1e-3         # AdamW lr = OneCycleLR max_lr
