@@ -222,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                  'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
             t_epoch = time.time()
             step_in_epoch = int(state.step) - epoch * steps_per_epoch
+            first_step_in_epoch = step_in_epoch  # > 0 when resumed mid-epoch
             for batch in it:
                 step = int(state.step)
                 rng = jax.random.fold_in(base_rng, step)
@@ -238,7 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 step_in_epoch += 1
                 progress.iterator, progress.epoch_sums = it.get_state(), sums
                 if step_in_epoch % config.log_every_steps == 0 and step_in_epoch < steps_per_epoch:
-                    rate = (step_in_epoch * config.batch_size) / max(time.time() - t_epoch, 1e-9)
+                    rate = ((step_in_epoch - first_step_in_epoch) * config.batch_size
+                            / max(time.time() - t_epoch, 1e-9))
                     eta = (steps_per_epoch - step_in_epoch) * config.batch_size / rate
                     log(f'  epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} '
                         f'loss {sums["loss"] / sums["n"]:.4f} lr {float(m["lr"]):.2e} '
