@@ -3,7 +3,12 @@
   python main.py --config=configs/demo.py                      # generated demo data, a few CPU minutes
   python main.py --config=configs/base.py --config.data_dir=/data/stanford_cars --workdir=runs/seed
   python main.py --config=configs/base.py --config.batch_size=64 ...   # any field overridden
-  python main.py --mode=eval --workdir=runs/seed                # evaluate the best checkpoint
+  python main.py --mode=eval --workdir=runs/seed                # reports of the best checkpoint
+  python main.py --mode=gradcam --workdir=runs/seed [--images=DIR] [--layer=stage3]
+  python main.py --mode=predict --workdir=runs/seed --images=photo.jpg [--tta] [--top_k=5]
+  python main.py --mode=export --workdir=runs/seed              # jax.export serving artifact
+  python main.py --mode=eval --init_from=best_high_acc_model.pt --config=configs/base.py \
+      --config.data_dir=...                                     # the seed's PyTorch weights
 
 User errors (bad flag values, missing data, incompatible workdirs) end with one line naming the
 problem and the fix, exit code 2; --verbose shows the traceback.
