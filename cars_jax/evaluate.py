@@ -26,7 +26,7 @@ from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
 from cars_jax.data.sources import DataError, Record, decode_image
 from cars_jax.model import build_model
-from cars_jax.steps import TrainState, create_train_state, make_steps
+from cars_jax.steps import TrainState, create_train_state, predict_step
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
@@ -61,8 +61,7 @@ def _variables(state: TrainState) -> dict:
 def predict_records(state: TrainState, records: Sequence[Record], config: ml_collections.ConfigDict
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probs (N, K), labels (N,), record indices (N,)) of every record, inference mode."""
-    predict = jax.jit(lambda s, x: jax.nn.softmax(
-        s.apply_fn(_variables(s), x, train=False).astype(jnp.float32), axis=-1))
+    predict = jax.jit(predict_step)
     probs, labels, index = [], [], []
     for batch in _eval_batches(records, config):
         keep = batch['mask'] > 0
@@ -235,8 +234,7 @@ def predict_paths(state: TrainState, paths: Sequence[str], class_names: list[str
     """Top-k (name, probability) per readable image; flip TTA averages the probabilities of
     the image and its mirror. Writes a CSV (path, rank, class, name, probability)."""
     images, ok, bad = load_eval_images(paths, config)
-    predict = jax.jit(lambda s, x: jax.nn.softmax(
-        s.apply_fn(_variables(s), x, train=False).astype(jnp.float32), axis=-1))
+    predict = jax.jit(predict_step)
     rows = []
     bs = config.batch_size
     for start in range(0, len(ok), bs):

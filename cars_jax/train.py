@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +31,6 @@ from cars_jax.config import ConfigError, incompatible_fields, validate_config
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
-from cars_jax.data.sources import Record
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
 from cars_jax.plots import plot_curves

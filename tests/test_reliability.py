@@ -5,7 +5,6 @@ Training runs go through main.py in subprocesses (as a user runs it) on a tiny g
 demo set; the final weights of interrupted runs are compared bit for bit with an
 uninterrupted run of the same command.
 """
-import errno
 import json
 import os
 import random

@@ -1,6 +1,5 @@
 """The pure train / eval steps: compile once, learn, never let a NaN in, honest metrics."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import demo
