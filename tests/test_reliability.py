@@ -155,11 +155,17 @@ def test_kill9_anywhere_then_rerun_gives_bit_identical_weights(demo_dir, referen
     latest = workdir / 'checkpoints' / 'latest'
     (latest / '99.orbax-checkpoint-tmp-1234' / 'state').mkdir(parents=True)
     (latest / '99.orbax-checkpoint-tmp-1234' / 'state' / 'junk').write_bytes(b'\0' * 10)
-    newest = max(int(n) for n in os.listdir(latest) if n.isdigit())
-    shutil.rmtree(latest / str(newest) / 'state' / 'd')
+    finished = sorted(int(n) for n in os.listdir(latest) if n.isdigit())
+    # Tear the newest only where an older one is left: kill b) can land inside the end-of-epoch
+    # replacement of the same step, which leaves a single finished step for a moment (two
+    # independent faults at once are out of scope). The usual case has two finished steps.
+    newest = finished[-1] if len(finished) >= 2 else None
+    if newest is not None:
+        shutil.rmtree(latest / str(newest) / 'state' / 'd')
     # c) at a seeded random moment in epoch 2
     out = kill9_after(args, 'epoch 2 step 1/4', rng.uniform(0, 0.5))
-    assert 'skipped unreadable checkpoint(s)' in out and f'step {newest}:' in out
+    if newest is not None:
+        assert 'skipped unreadable checkpoint(s)' in out and f'step {newest}:' in out
     done = run_main(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'Resumed from' in done.stdout
