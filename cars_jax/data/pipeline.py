@@ -43,20 +43,6 @@ def epoch_indices(labels: np.ndarray, seed: int, epoch: int, weighted: bool = Tr
     return rng.permutation(n)
 
 
-class _Subset(Sequence):
-    """records[indices] as a random-access source (picklable for grain workers)."""
-
-    def __init__(self, records: Sequence[Record], indices: np.ndarray):
-        self.records, self.indices = records, np.asarray(indices, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[int, Record]:
-        j = int(self.indices[i])
-        return j, self.records[j]
-
-
 def _decode_or_substitute(records: Sequence[Record], index: int, use_bbox: bool,
                           margin: int) -> tuple[int, np.ndarray]:
     """Decodes a record; if it became unreadable since the start-up scan, logs it and uses the
@@ -81,9 +67,9 @@ class TrainMap(grain.transforms.RandomMap):
     use_bbox: bool = False
     bbox_margin: int = 0
 
-    def random_map(self, element: tuple[int, Record], rng: np.random.Generator) -> dict:
-        index, _ = element
-        index, image = _decode_or_substitute(self.records, index, self.use_bbox, self.bbox_margin)
+    def random_map(self, element: int, rng: np.random.Generator) -> dict:
+        index, image = _decode_or_substitute(self.records, int(element), self.use_bbox,
+                                             self.bbox_margin)
         return {'image': train_transform(image, rng, self.aug),
                 'label': np.int32(self.records[index].label),
                 'index': np.int32(index)}
@@ -96,9 +82,9 @@ class EvalMap(grain.transforms.Map):
     use_bbox: bool = False
     bbox_margin: int = 0
 
-    def map(self, element: tuple[int, Record]) -> dict:
-        index, _ = element
-        index, image = _decode_or_substitute(self.records, index, self.use_bbox, self.bbox_margin)
+    def map(self, element: int) -> dict:
+        index, image = _decode_or_substitute(self.records, int(element), self.use_bbox,
+                                             self.bbox_margin)
         return {'image': eval_transform(image, self.aug),
                 'label': np.int32(self.records[index].label),
                 'index': np.int32(index)}
@@ -133,7 +119,8 @@ def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: Augm
     """The train batches of one epoch (drop_remainder: every step has one static shape)."""
     n_steps = steps_per_epoch(len(records), batch_size, max_steps)
     indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
-    ds = (grain.MapDataset.source(_Subset(records, indices))
+    # The source is the record indices; the map holds the records and decodes by index.
+    ds = (grain.MapDataset.source(indices)
           .seed(int(np.random.default_rng([seed, epoch, 0xA06]).integers(2**31)))
           .random_map(TrainMap(records, aug, use_bbox, bbox_margin))
           .batch(batch_size, drop_remainder=True))
@@ -144,7 +131,7 @@ def eval_dataset(records: Sequence[Record], aug: AugmentConfig, *, batch_size: i
                  use_bbox: bool = False, bbox_margin: int = 0, num_workers: int = 0,
                  prefetch: int = 4) -> grain.IterDataset:
     """Deterministic eval batches; the last one is short (pad it with `pad_batch`)."""
-    ds = (grain.MapDataset.source(_Subset(records, np.arange(len(records))))
+    ds = (grain.MapDataset.source(np.arange(len(records)))
           .map(EvalMap(records, aug, use_bbox, bbox_margin))
           .batch(batch_size, drop_remainder=False))
     return _to_iter(ds, num_workers, prefetch)
