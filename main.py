@@ -105,12 +105,19 @@ def main(argv) -> None:
         user = isinstance(e, _user_errors()) or _disk_full(e)
         if FLAGS.verbose or not user:
             traceback.print_exc()
-        print(f'error: {_disk_full_message(e) if _disk_full(e) else e}', file=sys.stderr)
         code = 2 if user else 1
-        if _disk_full(e):  # Orbax's failed save threads would print pages at interpreter exit
+        if _disk_full(e):
+            # Orbax's failed save threads keep printing (pages at interpreter exit, and lines
+            # that could cut into ours): mute stderr for every thread, write our line to a
+            # private copy of it in one call, and leave without running exit handlers.
             sys.stdout.flush()
             sys.stderr.flush()
+            own = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.write(own, f'error: {_disk_full_message(e)}\n'.encode())
             os._exit(code)
+        print(f'error: {e}', file=sys.stderr)
     sys.exit(code)
 
 
