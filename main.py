@@ -109,13 +109,14 @@ def main(argv) -> None:
         if _disk_full(e):
             # Orbax's failed save threads keep printing (pages at interpreter exit, and lines
             # that could cut into ours): mute stderr for every thread, write our line to a
-            # private copy of it in one call, and leave without running exit handlers.
+            # private copy of it in one call, and leave without running exit handlers. The line
+            # starts with a newline: a thread may have been cut off mid-line by the mute.
             sys.stdout.flush()
             sys.stderr.flush()
             own = os.dup(2)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
-            os.write(own, f'error: {_disk_full_message(e)}\n'.encode())
+            os.write(own, f'\nerror: {_disk_full_message(e)}\n'.encode())
             os._exit(code)
         print(f'error: {e}', file=sys.stderr)
     sys.exit(code)
