@@ -15,7 +15,6 @@ problem and the fix, exit code 2; --verbose shows the traceback.
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import sys
@@ -103,19 +102,20 @@ def main(argv) -> None:
         code = 130
     except Exception as e:  # noqa: BLE001 - the one place errors become messages
         user = isinstance(e, _user_errors()) or _disk_full(e)
-        if FLAGS.verbose or not user:
+        if (FLAGS.verbose or not user) and not _disk_full(e):
             traceback.print_exc()
         code = 2 if user else 1
         if _disk_full(e):
-            # Orbax's failed save threads keep printing (pages at interpreter exit, and lines
-            # that could cut into ours): mute stderr for every thread, write our line to a
-            # private copy of it in one call, and leave without running exit handlers. The line
-            # starts with a newline: a thread may have been cut off mid-line by the mute.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            own = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
+            # Orbax's failed save threads keep printing (pages while the managers close, and
+            # at interpreter exit): stderr is muted for every thread (by the training loop as
+            # soon as it saw the error, else here), our line goes to a private copy of it in
+            # one call, and we leave without running exit handlers. The line starts with a
+            # newline: a thread may have been cut off mid-line by the mute.
+            from cars_jax.train import mute_stderr
+            own = getattr(e, 'stderr_fd', None)
+            own = mute_stderr() if own is None else own
+            if FLAGS.verbose:
+                os.write(own, traceback.format_exc().encode())
             os.write(own, f'\nerror: {_disk_full_message(e)}\n'.encode())
             os._exit(code)
         print(f'error: {e}', file=sys.stderr)
@@ -128,7 +128,8 @@ def _drop_traceback(record) -> bool:
 
 
 def _disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    from cars_jax.train import is_disk_full
+    return is_disk_full(e)
 
 
 def _disk_full_message(e: OSError) -> str:

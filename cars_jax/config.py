@@ -18,7 +18,7 @@ _CHOICES = {
     'eval_resize': ('squash', 'center_crop'),
     'init': ('pytorch', 'he_normal'),
     'conv_impl': ('auto', 'xla', 'matmul'),
-    'dtype': ('float32', 'bfloat16'),
+    'dtype': ('auto', 'float32', 'bfloat16'),
     'optimizer': ('adamw', 'sgd'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')

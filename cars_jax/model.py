@@ -61,6 +61,20 @@ Initializer = Callable[..., jax.Array]
 CONV_IMPLS = ('xla', 'matmul', 'auto')
 INITS = ('pytorch', 'he_normal')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str, backend: str) -> Any:
+    """The computation dtype a config's `dtype` means on `backend` (jax.default_backend()).
+
+    'auto' is bfloat16 on accelerators (their matrix units run bf16 at 2-16x the fp32 rate,
+    and params, BN statistics and the loss stay float32) and float32 on CPU, where bf16 has
+    no fast path and would only add rounding.
+    """
+    if name == 'auto':
+        name = 'float32' if backend == 'cpu' else 'bfloat16'
+    if name not in DTYPES:
+        raise ValueError(f'dtype must be auto or one of {tuple(DTYPES)}, got {name!r}')
+    return DTYPES[name]
 AUTO_MATMUL_MAX_HW = 4   # 'auto' uses the matmul form on CPU for outputs of at most 4x4
 
 
@@ -279,8 +293,7 @@ class ResNet(nn.Module):
 
 def build_model(config, num_classes: int) -> ResNet:
     """The ResNet described by a configs/base.py-style config."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f'dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}')
+    dtype = compute_dtype(config.dtype, jax.default_backend())
     if config.init not in INITS:
         raise ValueError(f'init must be one of {INITS}, got {config.init!r}')
     if config.conv_impl not in CONV_IMPLS:
@@ -295,7 +308,7 @@ def build_model(config, num_classes: int) -> ResNet:
         bn_momentum=config.bn_momentum,
         bn_eps=config.bn_eps,
         conv_impl=config.conv_impl,
-        dtype=DTYPES[config.dtype],
+        dtype=dtype,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -97,13 +98,32 @@ class _StopSignal:
             yield self
 
 
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def mute_stderr() -> int:
+    """Points fd 2 at /dev/null (every thread's output, Python's and C++'s) and returns a
+    private copy of the real stderr, for the one error line that should be read."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    own = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    return own
+
+
 @contextlib.contextmanager
 def _closed_on_error(*managers):
     """On an error, let in-flight saves finish or fail before the error is reported: a
     process that exits under Orbax's background threads prints pages of their tracebacks."""
     try:
         yield
-    except BaseException:
+    except BaseException as e:
+        if is_disk_full(e):
+            e.stderr_fd = mute_stderr()   # the failing save threads print pages while closing
         for mgr in managers:
             try:
                 mgr.close()

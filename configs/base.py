@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)
     c.bn_eps = 1e-5
     c.conv_impl = 'auto'           # auto: matmul form for 3x3 convs on <=4x4 maps on CPU | xla | matmul
-    c.dtype = 'float32'
+    c.dtype = 'auto'               # auto: bfloat16 compute on GPU/TPU, float32 on CPU | float32 | bfloat16
 
     # ---- optimisation ----------------------------------------------------------------------
     c.optimizer = 'adamw'          # adamw (the seed) | sgd (Nesterov, decoupled decay)
