@@ -19,11 +19,12 @@ _CHOICES = {
     'init': ('pytorch', 'he_normal'),
     'conv_impl': ('auto', 'xla', 'matmul'),
     'dtype': ('auto', 'float32', 'bfloat16'),
+    'augment_on': ('auto', 'host', 'device'),
     'optimizer': ('adamw', 'sgd'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
-                     'max_steps_per_epoch', 'num_classes', 'bbox_margin')
+                     'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size')
 _POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
                        'translate', 'shear_degrees', 'mixup_alpha', 'min_delta')

@@ -19,6 +19,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from flax.training import train_state
 
+from cars_jax.data.augment import AugmentConfig
+from cars_jax.data.device_augment import augment_batch, sample_device_params
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
 from cars_jax.mixup import mixup
 from cars_jax.model import build_model, init_variables
@@ -87,6 +89,25 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
     return new_state, metrics
 
 
+def augment_on_device(name: str, backend: str) -> bool:
+    """Whether config.augment_on means the decode-once + on-device augmentation path:
+    'auto' is on on accelerators (there the per-image CPU pipeline, not the network, sets the
+    pace) and off on CPU, where both would share the same cores."""
+    if name not in ('auto', 'host', 'device'):
+        raise ValueError(f'augment_on must be auto, host or device, got {name!r}')
+    return name == 'device' or (name == 'auto' and backend != 'cpu')
+
+
+def train_step_cached(state: TrainState, batch: Batch, rng: jax.Array, *, aug: AugmentConfig,
+                      **step_kwargs) -> tuple[TrainState, Metrics]:
+    """`train_step` on a batch of decode-once cache images (uint8 (B, C, C, 3) + their original
+    `orig_hw`): the seed's random augmentation runs here, inside the jitted step
+    (`device_augment.py`), drawn from `rng`, then MixUp and the update as in `train_step`."""
+    params = sample_device_params(jax.random.fold_in(rng, 0xA06), batch['orig_hw'], aug)
+    images = augment_batch(batch['image'], params, aug)
+    return train_step(state, {'image': images, 'label': batch['label']}, rng, **step_kwargs)
+
+
 def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05) -> Metrics:
     """Sums over the batch (divide by `count`): loss (the seed's label-smoothed criterion),
     top-1 and top-5 hits. An optional `mask` marks padding."""
@@ -116,18 +137,23 @@ def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), ('data',))
 
 
-def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None
-               ) -> tuple[Callable, Callable]:
+def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
+               device_aug: AugmentConfig | None = None) -> tuple[Callable, Callable]:
     """train_step / eval_step with the config's hyperparameters bound, each jitted once.
 
     The state is donated to the train step: XLA updates parameters in place. With a `mesh`
     (data parallelism without pmap): batches are sharded over its 'data' axis and the state
     replicated; XLA's SPMD partitioner inserts the gradient all-reduce, and BatchNorm's batch
     statistics are means over the *global* batch, so the trajectory equals one device's.
+    With `device_aug` the train step takes decode-once cache batches and augments them itself
+    (`train_step_cached`).
     """
-    train_fn = lambda s, b, r: train_step(s, b, r, label_smoothing=config.label_smoothing,
-                                          mixup_alpha=config.mixup_alpha,
-                                          mixup_prob=config.mixup_prob)
+    kw = dict(label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha,
+              mixup_prob=config.mixup_prob)
+    if device_aug is None:
+        train_fn = lambda s, b, r: train_step(s, b, r, **kw)
+    else:
+        train_fn = lambda s, b, r: train_step_cached(s, b, r, aug=device_aug, **kw)
     eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing)
     if mesh is None or mesh.size == 1:
         return jax.jit(train_fn, donate_argnums=(0,)), jax.jit(eval_fn)

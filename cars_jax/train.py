@@ -35,7 +35,9 @@ from cars_jax.data.dataset import DataBundle, build_data
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
 from cars_jax.plots import plot_curves
-from cars_jax.steps import TrainState, create_train_state, data_parallel_mesh, make_steps
+from cars_jax.data.cache import build_cache, cache_size_for
+from cars_jax.steps import (TrainState, augment_on_device, create_train_state, data_parallel_mesh,
+                            make_steps)
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +115,16 @@ def mute_stderr() -> int:
     os.dup2(devnull, 2)
     os.close(devnull)
     return own
+
+
+def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the decode-once cache lives: config.cache_dir, else beside the data (shared by
+    runs) when that folder is writable, else in the run directory."""
+    if config.cache_dir:
+        return config.cache_dir
+    if config.data_dir and os.access(config.data_dir, os.W_OK):
+        return os.path.join(config.data_dir, '.cars_jax_cache')
+    return os.path.join(workdir, 'cache')
 
 
 @contextlib.contextmanager
@@ -204,7 +216,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = create_train_state(config, init_rng, num_classes, steps_per_epoch)
     # Data parallel over all local devices (batch split, state replicated); one device: plain jit.
     mesh = data_parallel_mesh() if jax.local_device_count() > 1 else None
-    train_fn, eval_fn = make_steps(config, mesh)
+    on_device = augment_on_device(config.augment_on, jax.default_backend())
+    cache = None
+    if on_device:
+        cache = build_cache(data.train, cache_size_for(config.image_size, config.cache_size),
+                            cache_dir=_cache_dir(config, workdir), name='train',
+                            use_bbox=config.use_bbox, bbox_margin=config.bbox_margin, log=log)
+    train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None)
     latest_mgr, best_mgr = checkpoint_managers(workdir)
     progress = Progress()
     if latest_mgr.latest_step() is not None:
@@ -216,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     log(f'cars_jax: {num_classes} classes, {len(data.train)} train / {len(data.val)} val / '
         f'{len(data.test)} test images; {steps_per_epoch} steps/epoch x {config.num_epochs} '
-        f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}. '
+        f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}, '
+        f'augmentation on the {"device (decode-once cache)" if on_device else "host (per image)"}. '
         f'Train accuracy is measured on augmented images against the original labels, '
         f'including MixUp batches ({config.mixup_prob:.0%} of batches), as the seed did.')
 
@@ -229,12 +248,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with stopper.installed(), _closed_on_error(latest_mgr, best_mgr):
         while not progress.finished and progress.epoch < config.num_epochs:
             epoch = progress.epoch
-            ds = pipeline.train_epoch_dataset(
-                data.train, train_labels, aug, seed=config.seed, epoch=epoch,
-                batch_size=config.batch_size, weighted=config.weighted_sampling,
-                use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
-                max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
-                prefetch=config.prefetch_batches)
+            if cache is not None:
+                ds = pipeline.cached_train_epoch_dataset(
+                    cache.images, cache.orig_hw, train_labels, seed=config.seed, epoch=epoch,
+                    batch_size=config.batch_size, weighted=config.weighted_sampling,
+                    max_steps=config.max_steps_per_epoch, prefetch=config.prefetch_batches)
+            else:
+                ds = pipeline.train_epoch_dataset(
+                    data.train, train_labels, aug, seed=config.seed, epoch=epoch,
+                    batch_size=config.batch_size, weighted=config.weighted_sampling,
+                    use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
+                    max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
+                    prefetch=config.prefetch_batches)
+            step_keys = ('image', 'orig_hw', 'label') if cache is not None else ('image', 'label')
             it = pipeline.iterate(ds, progress.iterator)
             sums = dict(progress.epoch_sums) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
                                                  'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
@@ -244,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             for batch in it:
                 step = int(state.step)
                 rng = jax.random.fold_in(base_rng, step)
-                state, m = train_fn(state, {'image': batch['image'], 'label': batch['label']}, rng)
+                state, m = train_fn(state, {k: batch[k] for k in step_keys}, rng)
                 m = jax.device_get(m)
                 if not m['finite']:
                     raise TrainingError(_nonfinite_message(step, epoch, batch, data.train, m,

@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_workers = 0              # grain worker processes decoding + augmenting (0 = threads)
     c.prefetch_batches = 4         # batches buffered ahead of the train step
     c.weighted_sampling = True     # PyTorch WeightedRandomSampler(1/class count, replacement)
+    c.augment_on = 'auto'          # host: decode + augment per image on CPU (the seed) | device:
+                                   #   decode once to a uint8 cache, augment inside the jitted
+                                   #   step | auto: device on GPU/TPU, host on CPU
+    c.cache_size = 0               # device: cache side C (0: 8/7 of image_size, 256 for 224)
+    c.cache_dir = ''               # device: '': <data_dir>/.cars_jax_cache if writable, else <workdir>/cache
 
     # ---- augmentation (train; the notebook's order) ----------------------------------------
     c.image_size = 224

@@ -137,6 +137,38 @@ def eval_dataset(records: Sequence[Record], aug: AugmentConfig, *, batch_size: i
     return _to_iter(ds, num_workers, prefetch)
 
 
+@dataclasses.dataclass(frozen=True)
+class GatherCached(grain.transforms.Map):
+    """A batch of indices -> the cached uint8 images (one fancy-index copy per batch), their
+    original sizes and labels. Augmentation happens later, on the device."""
+    images: np.ndarray
+    orig_hw: np.ndarray
+    labels: np.ndarray
+
+    def map(self, element: np.ndarray) -> dict:
+        idx = np.sort(np.asarray(element))        # sorted reads are kinder to a memmap
+        order = np.argsort(np.argsort(np.asarray(element)))
+        return {'image': np.asarray(self.images[idx])[order],
+                'orig_hw': self.orig_hw[element].astype(np.int32),
+                'label': np.asarray(self.labels)[element].astype(np.int32),
+                'index': np.asarray(element, np.int32)}
+
+
+def cached_train_epoch_dataset(images: np.ndarray, orig_hw: np.ndarray, labels: np.ndarray, *,
+                               seed: int, epoch: int, batch_size: int, weighted: bool = True,
+                               max_steps: int = 0, prefetch: int = 4) -> grain.IterDataset:
+    """The train batches of one epoch from a decode-once cache (`cache.build_cache`): the same
+    indices as `train_epoch_dataset`, un-augmented uint8 images + orig_hw for the device path.
+    The host only copies memory, so in-process threads are enough."""
+    labels = np.asarray(labels)
+    n_steps = steps_per_epoch(len(labels), batch_size, max_steps)
+    indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
+    ds = (grain.MapDataset.source(indices)
+          .batch(batch_size, drop_remainder=True)
+          .map(GatherCached(images, orig_hw, labels)))
+    return _to_iter(ds, 0, prefetch)
+
+
 def pad_batch(batch: Batch, batch_size: int) -> Batch:
     """Pads a short batch to batch_size and adds `mask` (1 real, 0 padding), so that the eval
     step compiles once for every batch."""
