@@ -264,10 +264,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             it = pipeline.iterate(ds, progress.iterator)
             sums = dict(progress.epoch_sums) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
                                                  'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
+            sums.setdefault('data_wait', 0.0)
             t_epoch = time.time()
             step_in_epoch = int(state.step) - epoch * steps_per_epoch
             first_step_in_epoch = step_in_epoch  # > 0 when resumed mid-epoch
+            t_ready = time.time()
             for batch in it:
+                # The step before has finished (device_get below), so this is pure loader wait.
+                sums['data_wait'] += time.time() - t_ready
                 step = int(state.step)
                 rng = jax.random.fold_in(base_rng, step)
                 state, m = train_fn(state, {k: batch[k] for k in step_keys}, rng)
@@ -295,6 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                     and step + 1 >= stop_after_steps):
                     interrupted = True
                     break
+                t_ready = time.time()
             if interrupted:
                 sums['time'] += time.time() - t_epoch
                 save_checkpoint(latest_mgr, state, meta())
@@ -325,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 'mixup_share': sums['mixed'] / n,
                 'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_top5': val['top5'],
                 'lr': float(state.lr_schedule(state.step)), 'epoch_time_s': train_time,
-                'img_per_s': n * config.batch_size / max(train_time, 1e-9), 'improved': improved,
+                'img_per_s': n * config.batch_size / max(train_time, 1e-9),
+                'data_wait_share': sums['data_wait'] / max(train_time, 1e-9), 'improved': improved,
             }
             history.append(record)
             with open(history_path, 'a') as f:
@@ -337,7 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             log(f'Epoch {epoch + 1}/{config.num_epochs} | train loss {record["train_loss"]:.4f} '
                 f'acc {record["train_accuracy"]:.3f} | val loss {val["loss"]:.4f} '
                 f'acc {val["accuracy"]:.3f} top5 {val["top5"]:.3f} | lr {record["lr"]:.2e} | '
-                f'{record["img_per_s"]:.1f} img/s, {train_time:.1f}s | ETA {_fmt_time(eta)}'
+                f'{record["img_per_s"]:.1f} img/s, {train_time:.1f}s, waiting for data '
+                f'{record["data_wait_share"]:.0%} | ETA {_fmt_time(eta)}'
                 + (' | best, saved' if improved else f' | no improvement {progress.bad_epochs}/'
                    f'{config.patience}'))
             stop = progress.bad_epochs >= config.patience

@@ -51,6 +51,7 @@ def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
     report = train_and_evaluate(c, str(tmp_path), quiet=True)
     rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
     assert [r['epoch'] for r in rows] == [1, 2]
+    assert all(0.0 <= r['data_wait_share'] <= 1.0 for r in rows)
     for key in ('train_loss', 'val_loss', 'val_accuracy', 'val_top5', 'lr', 'img_per_s',
                 'mixup_share', 'epoch_time_s'):
         assert key in rows[0]
