@@ -74,8 +74,10 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
 
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state['batch_stats'])
+    # finite gradients can still overflow in the update (a huge lr): check what would be kept
+    finite = (jnp.isfinite(loss) & _tree_all_finite(grads)
+              & _tree_all_finite((new_state.params, new_state.batch_stats)))
     # Keep the old state where anything is non-finite (step included: the caller stops).
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {

@@ -68,6 +68,17 @@ def test_nonfinite_batch_leaves_state_untouched():
     assert int(new.step) == int(state.step)
 
 
+def test_an_update_that_overflows_leaves_state_untouched():
+    """Finite loss and gradients, but an lr so large that the new parameters overflow."""
+    c = tiny_config(learning_rate=3e38, div_factor=1.0, optimizer='sgd')
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    new, m = jax.jit(train_step)(state, _batch(), jax.random.PRNGKey(1))
+    assert np.isfinite(float(m['loss'])) and float(m['finite']) == 0.0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(new.step) == int(state.step)
+
+
 def test_eval_step_matches_numpy_and_respects_mask():
     c = tiny_config()
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
