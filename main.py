@@ -7,6 +7,7 @@
   python main.py --mode=gradcam --workdir=runs/seed [--images=DIR] [--layer=stage3]
   python main.py --mode=predict --workdir=runs/seed --images=photo.jpg [--tta] [--top_k=5]
   python main.py --mode=export --workdir=runs/seed              # jax.export serving artifact
+  srun python main.py --config=configs/base.py ...              # several hosts (SLURM): see README
   python main.py --mode=eval --init_from=best_high_acc_model.pt --config=configs/base.py \
       --config.data_dir=...                                     # the seed's PyTorch weights
 
@@ -46,6 +47,11 @@ flags.DEFINE_bool('tta', False, 'predict: average with the horizontally flipped 
 flags.DEFINE_string('layer', None, 'gradcam: the stage whose activation is explained, '
                     'stage1..stageN (default: the last, as the seed\'s model.l4).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
+flags.DEFINE_string('coordinator_address', '', 'Multi-process training (several hosts): '
+                    'host:port of process 0, as jax.distributed.initialize. Under SLURM or Open '
+                    'MPI with several tasks leave it empty: JAX reads the cluster itself.')
+flags.DEFINE_integer('num_processes', 0, 'Multi-process: the number of processes.')
+flags.DEFINE_integer('process_id', -1, 'Multi-process: this process\'s index (0 writes logs).')
 
 
 def _default_workdir() -> str:
@@ -59,12 +65,15 @@ def run(argv) -> int:
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
     if not FLAGS.verbose:  # library errors (e.g. a failed Orbax save) as one line each
         logging.get_absl_handler().addFilter(_drop_traceback)
+    from cars_jax import distributed
+    if FLAGS.mode == 'train':
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from cars_jax import train
     config = FLAGS.config
     workdir = FLAGS.workdir or _default_workdir()
     if FLAGS.mode == 'train':
         report = train.train_and_evaluate(config, workdir)
-        if not report.get('interrupted'):
+        if not report.get('interrupted') and _process_index() == 0:
             print(f'Done. Best checkpoint, report and curves in {workdir}/', flush=True)
         return 0
     from cars_jax import evaluate
@@ -83,6 +92,11 @@ def run(argv) -> int:
     else:
         raise AssertionError(FLAGS.mode)
     return 0
+
+
+def _process_index() -> int:
+    import jax
+    return jax.process_index()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

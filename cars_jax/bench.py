@@ -2,12 +2,23 @@
 
   python -m cars_jax.bench loader [--data_dir=data/demo] [--image_size=224] [--batches=20]
   python -m cars_jax.bench step [--image_size=64] [--batch_size=32] [--conv_impls=xla,auto]
+  python -m cars_jax.bench fused [--num_images=8144] [--image_size=224] [--epochs=70]
 
 `loader`: images/s of the train pipeline (decode + the seed's augmentation + batching) with
 grain `num_workers` 0, 1 and 2, against a plain single-threaded Python loop over the same
-records measured in the same run (the ratio column).
+records measured in the same run (the ratio column); the decode-once cache path (host gather of
+cached uint8 batches; the cache build is timed separately) and the jitted on-device
+augmentation of those batches (on whatever backend is present: on a CPU-only machine, the
+CPU); and, when torch imports, the seed's loader (torch DataLoader over per-image PIL decode +
+the seed's transforms, workers 0/1/2) as a second baseline ('vs torch'). Every row also gives
+images/s per core it uses.
 `step`: images/s of the jitted train / eval step of the seed's network per conv
-implementation (the first one is the baseline of the ratio column). Each writes a JSON.
+implementation (the first one is the baseline of the ratio column), and the SAME network and
+train step in eager PyTorch when torch imports ('vs PyTorch').
+`fused`: the moonshot path: a Stanford-Cars-shaped uint8 dataset resident on the device and
+whole epochs as `lax.scan` chunks (`cars_jax.fused`); compile time, steady images/s, on-device
+eval images/s, and the wall time of the seed's recipe, projected from the measured rate (and
+measured when every epoch ran). Each mode writes a JSON.
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 
 from absl import app, flags
 
@@ -25,30 +37,77 @@ flags.DEFINE_integer('image_size', 224, 'Output size of the train transform.')
 flags.DEFINE_integer('batch_size', 32, 'Batch size.')
 flags.DEFINE_integer('batches', 20, 'Batches timed per repeat (from iterator creation).')
 flags.DEFINE_integer('repeats', 3, 'Repeats; the median is reported.')
-flags.DEFINE_string('workers', '0,1,2', 'Comma-separated num_workers values.')
+flags.DEFINE_string('workers', '0,1,2', 'loader: comma-separated grain num_workers values.')
+flags.DEFINE_string('torch_workers', '0,1,2',
+                    'loader: torch DataLoader num_workers values (the first is the baseline of '
+                    "the 'vs torch' column); empty: no torch rows.")
 flags.DEFINE_string('out', 'runs/bench.json', 'Where to write the JSON results.')
 flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step).')
 flags.DEFINE_string('conv_impls', 'xla,auto', 'step: conv implementations to compare.')
+flags.DEFINE_bool('torch', True, 'step/loader: add the PyTorch rows when torch imports.')
+flags.DEFINE_string('widths', '', 'step/fused: network widths, e.g. 16,32,64,128 (empty: the '
+                    "seed's 64,128,256,512).")
+flags.DEFINE_string('stage_sizes', '', "step/fused: blocks per stage (empty: the seed's 2,2,2,2).")
+flags.DEFINE_integer('cache_size', 0, 'loader/fused: decode-once cache side (0: round(S*8/7)).')
+flags.DEFINE_integer('num_images', 8144, 'fused: train images (Stanford Cars train: 8144).')
+flags.DEFINE_integer('eval_images', 8041, 'fused: eval images (Stanford Cars test: 8041).')
+flags.DEFINE_integer('num_classes', 196, 'fused/step: classes.')
+flags.DEFINE_integer('epochs', 70, "fused: epochs of the recipe (the seed's 70).")
+flags.DEFINE_integer('run_epochs', 0, 'fused: epochs actually run (0: all --epochs); the rest '
+                     'is projected from the measured rate.')
+flags.DEFINE_integer('chunk_steps', 0, 'fused: train steps per scan chunk (0: one epoch).')
+
+SEED_STAGES = (2, 2, 2, 2)
+SEED_WIDTHS = (64, 128, 256, 512)
 
 
 def machine() -> str:
     return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}'
 
 
-def run_loader(data_dir, image_size, batch_size, batches, repeats, workers) -> dict:
+def _ints(text: str, default: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(',') if v.strip()) if text.strip() else tuple(default)
+
+
+def _cores(n: int) -> int:
+    """Cores a row can use: n threads or processes, at most the machine's."""
+    return max(1, min(int(n), os.cpu_count() or 1))
+
+
+def _loader_row(name: str, ips: float, cores: int, base: float) -> dict:
+    return {'pipeline': name, 'images_per_s': ips, 'ratio': ips / base, 'cores': cores,
+            'images_per_s_per_core': ips / cores}
+
+
+def run_loader(data_dir: str, image_size: int, batch_size: int, batches: int, repeats: int,
+               workers: Sequence[int], *, torch_workers: Sequence[int] = (0, 1, 2),
+               cache_size: int = 0, records=None, use_torch: bool = True) -> dict:
+    """Loader rows (see the module docstring). `records` (in-memory Records) replace data_dir.
+
+    cores per row: the plain loop and torch's workers=0 run on 1 core, grain num_workers=0
+    and the cache gather on grain's 2 in-process threads, worker processes on `w` cores (plus
+    the main process, not counted), the device augmentation on XLA's all-core thread pool."""
     import numpy as np
 
+    from cars_jax import bench_torch
     from cars_jax.data import pipeline
     from cars_jax.data.augment import AugmentConfig, train_transform
+    from cars_jax.data.cache import build_cache, cache_size_for
     from cars_jax.data.sources import decode_image, labels_of, load_image_folders
     from cars_jax.data.synthetic import ensure_demo_dataset
 
-    if not os.path.isdir(os.path.join(data_dir, 'train')):
-        ensure_demo_dataset(data_dir)
-    records = load_image_folders(data_dir).train
+    source = data_dir if records is None else '(in-memory records)'
+    if records is None:
+        if not os.path.isdir(os.path.join(data_dir, 'train')):
+            ensure_demo_dataset(data_dir)
+        records = load_image_folders(data_dir).train
     labels = labels_of(records)
     aug = AugmentConfig(image_size=image_size)   # the seed's augmentation at this size
+    batches = min(batches, len(records) // batch_size)
+    if batches < 1:
+        raise ValueError(f'{len(records)} records cannot fill one batch of {batch_size}')
     n_images = batches * batch_size
+    notes = []
 
     def plain_loop() -> float:
         rng = np.random.default_rng(0)
@@ -70,16 +129,100 @@ def run_loader(data_dir, image_size, batch_size, batches, repeats, workers) -> d
             next(it)
         return n_images / (time.perf_counter() - t)
 
-    results = {'machine': machine(), 'data_dir': data_dir, 'image_size': image_size,
-               'batch_size': batch_size, 'images_timed': n_images, 'repeats': repeats, 'rows': []}
+    results = {'machine': machine(), 'data_dir': source,
+               'image_size': image_size, 'batch_size': batch_size, 'images_timed': n_images,
+               'repeats': repeats, 'rows': [], 'notes': notes}
     base = statistics.median(plain_loop() for _ in range(repeats))
-    results['rows'].append({'pipeline': 'plain Python loop, 1 thread (baseline)',
-                            'images_per_s': base, 'ratio': 1.0})
+    rows = results['rows']
+    rows.append(_loader_row('plain Python loop, 1 thread (baseline)', base, 1, base))
+
+    # torch first: its DataLoader forks workers, best done before XLA starts its thread pools
+    torch = bench_torch.import_torch() if use_torch else None
+    torch_rows = []
+    if torch is None:
+        notes.append('torch DataLoader rows skipped: ' + ('--notorch' if not use_torch else
+                                                          'torch is not importable'))
+    else:
+        for w in torch_workers:
+            rates, name = [], ''
+            for r in range(repeats):
+                ips, name = bench_torch.torch_loader_rate(torch, records, labels, aug,
+                                                          batch_size, batches, w, seed=r)
+                rates.append(ips)
+            torch_rows.append(_loader_row(f'{name}, num_workers={w}',
+                                          statistics.median(rates), _cores(max(w, 1)), base))
+        results['torch_loader'] = torch_rows[0]['pipeline'].rsplit(', num_workers', 1)[0] \
+            if torch_rows else None
+
     for w in workers:
         ips = statistics.median(grain_loader(w, r) for r in range(repeats))
         name = f'grain, num_workers={w}' + (' (in-process threads)' if w == 0 else ' (processes)')
-        results['rows'].append({'pipeline': name, 'images_per_s': ips, 'ratio': ips / base})
+        rows.append(_loader_row(name, ips, _cores(2 if w == 0 else w), base))
+    rows.extend(torch_rows)
+
+    # the decode-once cache: built once (timed apart), then the host side of the device path
+    size = cache_size_for(image_size, cache_size)
+    t = time.perf_counter()
+    cache = build_cache(records, size, log=lambda _: None)
+    results['cache_build_s'] = time.perf_counter() - t
+    results['cache_size'] = size
+    results['cache_build_images_per_s'] = len(records) / results['cache_build_s']
+    cached_batches = []
+
+    def cached_loader(epoch: int) -> float:
+        ds = pipeline.cached_train_epoch_dataset(cache.images, cache.orig_hw, labels, seed=0,
+                                                 epoch=epoch, batch_size=batch_size,
+                                                 max_steps=batches)
+        out = []
+        t = time.perf_counter()
+        it = iter(ds)
+        for _ in range(batches):
+            out.append(next(it))
+        rate = n_images / (time.perf_counter() - t)
+        cached_batches[:] = out
+        return rate
+
+    ips = statistics.median(cached_loader(r) for r in range(repeats))
+    rows.append(_loader_row(f'decode-once cache {size}px, host gather of uint8 batches '
+                            '(grain threads)', ips, _cores(2), base))
+    results['device_augment'] = _device_augment_row(cached_batches, aug, repeats, base, rows)
+
+    if torch_rows:
+        tbase = torch_rows[0]['images_per_s']
+        results['torch_baseline'] = torch_rows[0]['pipeline']
+        for r in rows:
+            r['vs_torch'] = r['images_per_s'] / tbase
     return results
+
+
+def _device_augment_row(batches: list, aug, repeats: int, base: float, rows: list) -> dict:
+    """Times the jitted `augment_batch(sample_device_params(...))` over the cached batches
+    (already on the device: the augmentation alone); appends its row, returns its details."""
+    import jax
+
+    from cars_jax.data.device_augment import augment_batch, sample_device_params
+
+    fn = jax.jit(lambda key, images, hw: augment_batch(images, sample_device_params(key, hw, aug),
+                                                       aug))
+    on_device = [(jax.device_put(b['image']), jax.device_put(b['orig_hw'])) for b in batches]
+    n = sum(len(b['image']) for b in batches)
+    t = time.perf_counter()
+    jax.block_until_ready(fn(jax.random.PRNGKey(0), *on_device[0]))
+    compile_s = time.perf_counter() - t
+
+    def once(r: int) -> float:
+        t = time.perf_counter()
+        out = [fn(jax.random.PRNGKey(1000 * r + i), im, hw) for i, (im, hw) in enumerate(on_device)]
+        jax.block_until_ready(out)
+        return n / (time.perf_counter() - t)
+
+    ips = statistics.median(once(r) for r in range(repeats))
+    backend = jax.default_backend()
+    where = f'{backend} (this CPU, all cores)' if backend == 'cpu' else backend
+    cores = _cores(os.cpu_count() or 1) if backend == 'cpu' else 1
+    rows.append(_loader_row(f'jitted device augmentation of those batches on {where}', ips,
+                            cores, base))
+    return {'backend': backend, 'compile_s': compile_s, 'images_per_s': ips}
 
 
 def seed_config(**overrides):
@@ -96,20 +239,26 @@ def seed_config(**overrides):
 
 
 def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
-             impls: list[str]) -> dict:
+             impls: list[str], *, widths: Sequence[int] = SEED_WIDTHS,
+             stage_sizes: Sequence[int] = SEED_STAGES, num_classes: int = 196,
+             use_torch: bool = True) -> dict:
     """Images/s of the jitted train step and eval step of the seed's network (ResNet-18,
-    196 classes, AdamW + one-cycle, MixUp, LS-CE) per conv implementation; compile separate."""
+    196 classes, AdamW + one-cycle, MixUp, LS-CE) per conv implementation; compile separate.
+    With torch: the same network and step in eager PyTorch on all cores, the 'vs PyTorch'
+    baseline."""
     import jax
     import numpy as np
 
+    from cars_jax import bench_torch
     from cars_jax.steps import create_train_state, make_steps
-    rows = []
+    rows, notes = [], []
     rng = np.random.default_rng(0)
     batch = {'image': rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-             'label': rng.integers(0, 196, batch_size).astype(np.int32)}
+             'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
+    arch = dict(widths=tuple(widths), stage_sizes=tuple(stage_sizes))
     for impl in impls:
-        c = seed_config(image_size=image_size, batch_size=batch_size, conv_impl=impl)
-        state = create_train_state(c, jax.random.PRNGKey(0), 196, 100)
+        c = seed_config(image_size=image_size, batch_size=batch_size, conv_impl=impl, **arch)
+        state = create_train_state(c, jax.random.PRNGKey(0), num_classes, 100)
         train, evaluate = make_steps(c)
         t = time.perf_counter()
         state, m = train(state, batch, jax.random.PRNGKey(0))
@@ -124,49 +273,269 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
             rates.append(steps * batch_size / (time.perf_counter() - t))
         eb = dict(batch, mask=np.ones(batch_size, np.float32))
         jax.block_until_ready(evaluate(state, eb))
-        t = time.perf_counter()
-        for _ in range(steps):
-            out = evaluate(state, eb)
-        jax.block_until_ready(out)
-        rows.append({'conv_impl': impl, 'train_images_per_s': statistics.median(rates),
-                     'eval_images_per_s': steps * batch_size / (time.perf_counter() - t),
+        eval_rates = []
+        for r in range(repeats):
+            t = time.perf_counter()
+            for _ in range(steps):
+                out = evaluate(state, eb)
+            jax.block_until_ready(out)
+            eval_rates.append(steps * batch_size / (time.perf_counter() - t))
+        rows.append({'framework': 'jax', 'conv_impl': impl,
+                     'train_images_per_s': statistics.median(rates),
+                     'eval_images_per_s': statistics.median(eval_rates),
                      'first_step_incl_compile_s': compile_s})
     base = rows[0]['train_images_per_s']
+    torch = bench_torch.import_torch() if use_torch else None
+    torch_row = None
+    if torch is None:
+        notes.append('PyTorch row skipped: ' + ('--notorch' if not use_torch else
+                                                'torch is not importable'))
+    else:
+        t = bench_torch.torch_step_rates(torch, image_size, batch_size, steps, repeats,
+                                         num_classes=num_classes, **arch)
+        torch_row = {'framework': bench_torch.torch_version(torch),
+                     'conv_impl': f'pytorch eager, {t["threads"]} threads',
+                     'train_images_per_s': t['train_images_per_s'],
+                     'eval_images_per_s': t['eval_images_per_s'],
+                     'first_step_incl_compile_s': t['first_step_s']}
+        rows.append(torch_row)
     for r in rows:
         r['ratio'] = r['train_images_per_s'] / base
+        if torch_row is not None:
+            r['vs_pytorch'] = r['train_images_per_s'] / torch_row['train_images_per_s']
+            r['eval_vs_pytorch'] = r['eval_images_per_s'] / torch_row['eval_images_per_s']
     return {'machine': machine(), 'backend': jax.default_backend(), 'image_size': image_size,
-            'batch_size': batch_size, 'steps': steps, 'repeats': repeats, 'rows': rows}
+            'batch_size': batch_size, 'steps': steps, 'repeats': repeats,
+            'num_classes': num_classes, **{k: list(v) for k, v in arch.items()},
+            'rows': rows, 'notes': notes}
+
+
+def synthetic_cars_arrays(num_images: int, num_classes: int, cache_size: int, eval_images: int,
+                          eval_size: int, seed: int = 0) -> dict:
+    """A Stanford-Cars-shaped dataset in memory: smooth random uint8 images (N, C, C, 3) (the
+    decode-once cache), original sizes like the photos' (h 240..960, w 1.2..1.8 h), labels with
+    the train split's imbalance (per-class weights ~ U[24, 68]), and an eval set (M, S, S, 3).
+    Content is irrelevant to speed; shapes, dtypes and the sampler's weights are what count."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+
+    def smooth(n: int, side: int) -> np.ndarray:
+        g = 8
+        pos = np.clip((np.arange(side) + 0.5) * g / side - 0.5, 0, g - 1)
+        lo = np.minimum(np.floor(pos).astype(int), g - 2)
+        w = (pos - lo).astype(np.float32)
+        a = np.zeros((side, g), np.float32)
+        a[np.arange(side), lo] = 1 - w
+        a[np.arange(side), lo + 1] = w
+        out = np.empty((n, side, side, 3), np.uint8)
+        for s in range(0, n, 256):
+            low = rng.uniform(0, 255, (min(256, n - s), 3, g, g)).astype(np.float32)
+            img = a @ low @ a.T                                  # (n, 3, side, side)
+            out[s:s + len(low)] = np.clip(img, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return out
+
+    p = rng.uniform(24, 68, num_classes)
+    labels = rng.choice(num_classes, num_images, p=p / p.sum()).astype(np.int32)
+    h = rng.integers(240, 961, num_images)
+    orig_hw = np.stack([h, np.round(h * rng.uniform(1.2, 1.8, num_images))], 1).astype(np.int32)
+    return {'images': smooth(num_images, cache_size), 'orig_hw': orig_hw, 'labels': labels,
+            'eval_images': smooth(eval_images, eval_size),
+            'eval_labels': rng.integers(0, num_classes, eval_images).astype(np.int32)}
+
+
+def chunk_sizes(steps_per_epoch: int, chunk_steps: int) -> list[int]:
+    """One epoch's scan chunk lengths: full chunks of chunk_steps (0: the whole epoch) and at
+    most one shorter tail, so at most two compiles."""
+    k = min(chunk_steps, steps_per_epoch) if chunk_steps > 0 else steps_per_epoch
+    return [k] * (steps_per_epoch // k) + ([steps_per_epoch % k] if steps_per_epoch % k else [])
+
+
+def run_fused(num_images: int = 8144, num_classes: int = 196, cache_size: int = 0,
+              image_size: int = 224, epochs: int = 70, batch_size: int = 32,
+              chunk_steps: int = 0, run_epochs: int = 0, eval_images: int = 8041, *,
+              widths: Sequence[int] = SEED_WIDTHS, stage_sizes: Sequence[int] = SEED_STAGES,
+              seed: int = 0) -> dict:
+    """The seed's recipe through `cars_jax.fused` on the default device: data resident, each
+    epoch = scan chunks of `chunk_steps` train steps (+ one shorter tail), then an on-device
+    eval of the eval set, as the recipe validates every epoch. Runs `run_epochs` (0: all) and
+    projects `epochs` from the steady rate: compile + epochs x (train epoch + eval)."""
+    import jax
+    import numpy as np
+
+    from cars_jax.data.augment import AugmentConfig
+    from cars_jax.data.cache import cache_size_for
+    from cars_jax.data.pipeline import steps_per_epoch as spe_of
+    from cars_jax.fused import device_dataset, make_fused_steps
+    from cars_jax.steps import create_train_state
+
+    size = cache_size_for(image_size, cache_size)
+    spe = spe_of(num_images, batch_size)
+    if spe < 1:
+        raise ValueError(f'{num_images} images cannot fill one batch of {batch_size}')
+    chunks = chunk_sizes(spe, chunk_steps)
+    k = chunks[0]
+    n_run = min(run_epochs, epochs) if run_epochs > 0 else epochs
+
+    t = time.perf_counter()
+    host = synthetic_cars_arrays(num_images, num_classes, size, eval_images, image_size, seed)
+    gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    data = device_dataset(host['images'], host['orig_hw'], host['labels'])
+    eval_x, eval_y = jax.device_put(host['eval_images']), jax.device_put(host['eval_labels'])
+    jax.block_until_ready((data, eval_x, eval_y))
+    put_s = time.perf_counter() - t
+
+    config = seed_config(image_size=image_size, batch_size=batch_size, num_epochs=epochs,
+                         cache_size=size, widths=tuple(widths), stage_sizes=tuple(stage_sizes),
+                         num_classes=num_classes)
+    aug = AugmentConfig.from_config(config)
+    fns = make_fused_steps(config, aug, num_classes)
+    key = jax.random.PRNGKey(seed)
+    state = create_train_state(config, key, num_classes, spe)
+
+    # compile ahead of time, once per distinct chunk length, and the eval
+    t = time.perf_counter()
+    idx0 = fns.epoch_indices(jax.random.fold_in(key, 1), data.labels, spe)
+    compiled = {n: fns.train_chunk.lower(state, data, idx0[:n], key).compile()
+                for n in sorted(set(chunks))}
+    train_compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    eval_c = fns.evaluate.lower(state, eval_x, eval_y).compile()
+    eval_compile_s = time.perf_counter() - t
+
+    chunk_log, eval_times, finite = [], [], True
+    t_run = time.perf_counter()
+    for e in range(n_run):
+        idx = fns.epoch_indices(jax.random.fold_in(key, 1 + e), data.labels, spe)
+        start = 0
+        for n in chunks:
+            t = time.perf_counter()
+            state, m = compiled[n](state, data, idx[start:start + n],
+                                   jax.random.fold_in(key, 10_000 * (e + 1) + start))
+            finite &= bool(np.asarray(m['finite']).min() > 0)   # per chunk, as a real run
+            chunk_log.append((n * batch_size, time.perf_counter() - t))
+            start += n
+        t = time.perf_counter()
+        jax.block_until_ready(eval_c(state, eval_x, eval_y))
+        eval_times.append(time.perf_counter() - t)
+    run_s = time.perf_counter() - t_run
+
+    steady = chunk_log[1:] if len(chunk_log) > 1 else chunk_log   # the first chunk warms up
+    steady_ips = sum(i for i, _ in steady) / sum(s for _, s in steady)
+    eval_s = statistics.median(eval_times)
+    compile_s = train_compile_s + eval_compile_s
+    epoch_s = spe * batch_size / steady_ips + eval_s
+    results = {
+        'machine': machine(), 'backend': jax.default_backend(),
+        'device': str(jax.devices()[0]), 'num_images': num_images, 'num_classes': num_classes,
+        'image_size': image_size, 'cache_size': size, 'eval_images': eval_images,
+        'batch_size': batch_size, 'widths': list(widths), 'stage_sizes': list(stage_sizes),
+        'epochs': epochs, 'epochs_run': n_run, 'steps_per_epoch': spe, 'chunk_steps': k,
+        'chunks_per_epoch': len(chunks), 'data_generation_s': gen_s, 'data_to_device_s': put_s,
+        'resident_bytes': int(host['images'].nbytes + host['eval_images'].nbytes),
+        'train_compile_s': train_compile_s, 'eval_compile_s': eval_compile_s,
+        'steady_train_images_per_s': steady_ips,
+        'chunk_images_per_s_median': statistics.median(i / s for i, s in chunk_log),
+        'eval_images_per_s': eval_images / eval_s, 'eval_s_per_epoch': eval_s,
+        'projected_epoch_s': epoch_s,
+        'projected_wall_s': compile_s + epochs * epoch_s,
+        'measured_run_s': run_s,
+        'measured_wall_s': compile_s + run_s if n_run == epochs else None,
+        'all_steps_finite': finite,
+    }
+    return results
+
+
+def print_fused_table(r: dict) -> None:
+    print(f'Fused benchmark on {r["machine"]} ({r["backend"]}: {r["device"]}): '
+          f'{r["num_images"]} train images cached at {r["cache_size"]} px -> {r["image_size"]} px, '
+          f'{r["num_classes"]} classes, batch {r["batch_size"]}, widths {r["widths"]}, '
+          f'{r["steps_per_epoch"]} steps/epoch in {r["chunks_per_epoch"]} chunk(s) of '
+          f'<= {r["chunk_steps"]}, {r["eval_images"]} eval images')
+    print(f'  data generation (host)      {r["data_generation_s"]:10.1f} s')
+    print(f'  data to device              {r["data_to_device_s"]:10.1f} s '
+          f'({r["resident_bytes"] / 2**30:.2f} GiB resident)')
+    print(f'  compile: train chunks       {r["train_compile_s"]:10.1f} s')
+    print(f'  compile: eval               {r["eval_compile_s"]:10.1f} s')
+    print(f'  steady train                {r["steady_train_images_per_s"]:10.1f} images/s')
+    print(f'  on-device eval              {r["eval_images_per_s"]:10.1f} images/s')
+    print(f'  PROJECTED wall, {r["epochs"]} epochs (compile + epochs x (train + eval), from the '
+          f'measured rates): {r["projected_wall_s"]:.1f} s = {r["projected_wall_s"] / 60:.1f} min')
+    if r['measured_wall_s'] is not None:
+        print(f'  MEASURED wall, all {r["epochs"]} epochs run (compile + run): '
+              f'{r["measured_wall_s"]:.1f} s')
+    else:
+        print(f'  ran {r["epochs_run"]} of {r["epochs"]} epochs in {r["measured_run_s"]:.1f} s '
+              '(no measured full wall time)')
+    if not r['all_steps_finite']:
+        print('  WARNING: some steps were non-finite (skipped by the guard)')
 
 
 def print_step_table(results: dict) -> None:
-    print(f'Train-step benchmark on {results["machine"]} ({results["backend"]}): seed ResNet-18, '
-          f'{results["image_size"]} px, batch {results["batch_size"]}, median of {results["repeats"]}')
-    print(f'{"conv_impl":10s} {"train img/s":>12s} {"vs first":>9s} {"eval img/s":>11s} '
-          f'{"1st step (compile) s":>21s}')
+    print(f'Train-step benchmark on {results["machine"]} ({results["backend"]}): seed ResNet '
+          f'{results["stage_sizes"]} x {results["widths"]}, {results["num_classes"]} classes, '
+          f'{results["image_size"]} px, batch {results["batch_size"]}, median of '
+          f'{results["repeats"]}')
+    torch = any('vs_pytorch' in r for r in results['rows'])
+    print(f'{"conv_impl":30s} {"train img/s":>12s} {"vs first":>9s}'
+          + (f' {"vs PyTorch":>11s}' if torch else '')
+          + f' {"eval img/s":>11s}' + (f' {"vs PyTorch":>11s}' if torch else '')
+          + f' {"1st step (compile) s":>21s}')
     for r in results['rows']:
-        print(f'{r["conv_impl"]:10s} {r["train_images_per_s"]:12.1f} {r["ratio"]:8.2f}x '
-              f'{r["eval_images_per_s"]:11.1f} {r["first_step_incl_compile_s"]:21.1f}')
+        print(f'{r["conv_impl"]:30s} {r["train_images_per_s"]:12.1f} {r["ratio"]:8.2f}x'
+              + (f' {r["vs_pytorch"]:10.2f}x' if torch else '')
+              + f' {r["eval_images_per_s"]:11.1f}'
+              + (f' {r["eval_vs_pytorch"]:10.2f}x' if torch else '')
+              + f' {r["first_step_incl_compile_s"]:21.1f}')
+    for n in results.get('notes', []):
+        print('note:', n)
 
 
 def print_table(results: dict) -> None:
     print(f'Loader benchmark on {results["machine"]}: {results["images_timed"]} images at '
           f'{results["image_size"]} px, median of {results["repeats"]}')
-    print(f'{"pipeline":48s} {"images/s":>10s} {"vs baseline":>12s}')
+    torch = any('vs_torch' in r for r in results['rows'])
+    width = max(len(r['pipeline']) for r in results['rows'])
+    print(f'{"pipeline":{width}s} {"images/s":>10s} {"vs baseline":>12s} {"cores":>6s} '
+          f'{"img/s/core":>11s}' + (f' {"vs torch":>9s}' if torch else ''))
     for r in results['rows']:
-        print(f'{r["pipeline"]:48s} {r["images_per_s"]:10.1f} {r["ratio"]:11.2f}x')
+        print(f'{r["pipeline"]:{width}s} {r["images_per_s"]:10.1f} {r["ratio"]:11.2f}x '
+              f'{r["cores"]:6d} {r["images_per_s_per_core"]:11.1f}'
+              + (f' {r["vs_torch"]:8.2f}x' if torch else ''))
+    if 'cache_build_s' in results:
+        print(f'decode-once cache build (not in the rows): {results["cache_build_s"]:.1f} s '
+              f'({results["cache_build_images_per_s"]:.0f} images/s, {results["cache_size"]} px); '
+              f'device augmentation compile {results["device_augment"]["compile_s"]:.1f} s')
+    if torch:
+        print(f'vs torch: against "{results["torch_baseline"]}"')
+    for n in results.get('notes', []):
+        print('note:', n)
+
+
+MODES = ('loader', 'step', 'fused')
 
 
 def main(argv) -> None:
-    if len(argv) < 2 or argv[1] not in ('loader', 'step'):
-        raise app.UsageError('usage: python -m cars_jax.bench loader|step [--flags]')
+    if len(argv) < 2 or argv[1] not in MODES:
+        raise app.UsageError('usage: python -m cars_jax.bench loader|step|fused [--flags]')
+    arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
+                stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
     if argv[1] == 'loader':
         results = run_loader(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch_size, FLAGS.batches,
-                             FLAGS.repeats, [int(w) for w in FLAGS.workers.split(',')])
+                             FLAGS.repeats, _ints(FLAGS.workers, ()),
+                             torch_workers=_ints(FLAGS.torch_workers, ()),
+                             cache_size=FLAGS.cache_size, use_torch=FLAGS.torch)
         print_table(results)
-    else:
+    elif argv[1] == 'step':
         results = run_step(FLAGS.image_size, FLAGS.batch_size, FLAGS.steps, FLAGS.repeats,
-                           FLAGS.conv_impls.split(','))
+                           FLAGS.conv_impls.split(','), num_classes=FLAGS.num_classes,
+                           use_torch=FLAGS.torch, **arch)
         print_step_table(results)
+    else:
+        results = run_fused(FLAGS.num_images, FLAGS.num_classes, FLAGS.cache_size,
+                            FLAGS.image_size, FLAGS.epochs, FLAGS.batch_size, FLAGS.chunk_steps,
+                            FLAGS.run_epochs, FLAGS.eval_images, **arch)
+        print_fused_table(results)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, 'w') as f:
         json.dump(results, f, indent=2)

@@ -12,17 +12,25 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from cars_jax.distributed import host_local
 
 from cars_jax.steps import TrainState
 
 
 def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
     root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    # Multi-process: both managers save the same step at the end of an epoch, and Orbax's
+    # cross-process barriers are named by step; a prefix per manager keeps them apart.
+    mp = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
     latest = ocp.CheckpointManager(os.path.join(root, 'latest'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True, cleanup_tmp_directories=True))
+        max_to_keep=2, create=True, cleanup_tmp_directories=True,
+        multiprocessing_options=mp('latest')))
     best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m['val_loss'], best_mode='min',
-        keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
+        keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True,
+        multiprocessing_options=mp('best')))
     return latest, best
 
 
@@ -30,12 +38,18 @@ def save_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, m
           overwrite: bool = False) -> None:
     """Atomic Orbax save of (state, meta) at the state's step; `overwrite` replaces a
     mid-epoch checkpoint of the same step by the end-of-epoch one."""
-    step = int(jax.device_get(state.step))
+    step = int(host_local(state.step))
     if step in mgr.all_steps():
         if not overwrite:
             return
         mgr.wait_until_finished()
-        _delete_atomically(mgr, step)
+        if jax.process_count() == 1:
+            _delete_atomically(mgr, step)
+        else:   # one process deletes, every process waits for it and re-reads the folder
+            if jax.process_index() == 0:
+                _delete_atomically(mgr, step)
+            multihost_utils.sync_global_devices(f'cars_jax_delete_{step}')
+            mgr.reload()
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            meta=ocp.args.JsonSave(meta)), metrics=metrics)
 

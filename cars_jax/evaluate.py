@@ -19,33 +19,40 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from cars_jax import gradcam as gc
 from cars_jax import metrics, report_plots
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
 from cars_jax.data.sources import DataError, Record, decode_image
+from cars_jax.distributed import global_batch, host_local
 from cars_jax.model import build_model
 from cars_jax.steps import TrainState, create_train_state, predict_step
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
-def _eval_batches(records: Sequence[Record], config: ml_collections.ConfigDict):
+def _eval_batches(records: Sequence[Record], config: ml_collections.ConfigDict,
+                  shard: tuple[int, int] = (0, 1)):
     ds = pipeline.eval_dataset(records, AugmentConfig.from_config(config),
                                batch_size=config.batch_size, use_bbox=config.use_bbox,
                                bbox_margin=config.bbox_margin, num_workers=config.num_workers,
-                               prefetch=config.prefetch_batches)
+                               prefetch=config.prefetch_batches, shard=shard)
     for batch in ds:
-        yield pipeline.pad_batch(batch, config.batch_size)
+        yield pipeline.pad_batch(batch, config.batch_size // shard[1])
 
 
 def evaluate(eval_fn: Callable, state: TrainState, records: Sequence[Record],
-             config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Label-smoothed loss, top-1 and top-5 over all records (padded last batch)."""
+             config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dict[str, float]:
+    """Label-smoothed loss, top-1 and top-5 over all records (padded last batch).
+    With a mesh spanning several processes, each process reads its rows of every batch."""
+    multi = mesh is not None and jax.process_count() > 1
+    shard = (jax.process_index(), jax.process_count()) if multi else (0, 1)
     sums: dict[str, float] = {}
-    for batch in _eval_batches(records, config):
-        out = jax.device_get(eval_fn(state, {k: batch[k] for k in ('image', 'label', 'mask')}))
+    for batch in _eval_batches(records, config, shard):
+        batch = {k: batch[k] for k in ('image', 'label', 'mask')}
+        out = host_local(eval_fn(state, global_batch(batch, mesh) if multi else batch))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     n = max(sums.get('count', 0.0), 1.0)

@@ -110,11 +110,17 @@ def train_step_cached(state: TrainState, batch: Batch, rng: jax.Array, *, aug: A
     return train_step(state, {'image': images, 'label': batch['label']}, rng, **step_kwargs)
 
 
-def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05) -> Metrics:
+def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05,
+              flip_tta: bool = False) -> Metrics:
     """Sums over the batch (divide by `count`): loss (the seed's label-smoothed criterion),
-    top-1 and top-5 hits. An optional `mask` marks padding."""
-    logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                            batch['image'], train=False)
+    top-1 and top-5 hits. An optional `mask` marks padding. flip_tta: score the mean of the
+    logits of each image and its mirror image (not the seed; cars are left-right symmetric
+    enough that the two views are near-independent evidence)."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    logits = state.apply_fn(variables, batch['image'], train=False)
+    if flip_tta:
+        mirrored = state.apply_fn(variables, batch['image'][:, :, ::-1], train=False)
+        logits = (logits.astype(jnp.float32) + mirrored.astype(jnp.float32)) / 2
     mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
     k5 = min(5, logits.shape[-1])
     return {
@@ -133,9 +139,9 @@ def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
 
 
 def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh ('data') over the local devices: the batch is split along it, the state
-    replicated. With one device every sharding is trivial and nothing changes."""
-    devices = list(devices) if devices is not None else jax.local_devices()
+    """A 1-D mesh ('data') over all devices (every process's, in a multi-process run): the
+    batch is split along it, the state replicated. With one device every sharding is trivial and nothing changes."""
+    devices = list(devices) if devices is not None else jax.devices()
     return Mesh(np.asarray(devices), ('data',))
 
 
@@ -156,7 +162,8 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
         train_fn = lambda s, b, r: train_step(s, b, r, **kw)
     else:
         train_fn = lambda s, b, r: train_step_cached(s, b, r, aug=device_aug, **kw)
-    eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing)
+    eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing,
+                                     flip_tta=bool(config.get('eval_flip_tta', False)))
     if mesh is None or mesh.size == 1:
         return jax.jit(train_fn, donate_argnums=(0,)), jax.jit(eval_fn)
     if config.batch_size % mesh.size:

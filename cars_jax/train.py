@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 
 from cars_jax.config import ConfigError, incompatible_fields, validate_config
@@ -36,6 +37,7 @@ from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_c
 from cars_jax.evaluate import evaluate, full_report
 from cars_jax.plots import plot_curves
 from cars_jax.data.cache import build_cache, cache_size_for
+from cars_jax.distributed import global_batch, host_local, replicate
 from cars_jax.steps import (TrainState, augment_on_device, create_train_state, data_parallel_mesh,
                             make_steps)
 
@@ -47,14 +49,20 @@ class TrainingError(RuntimeError):
 class Reporter:
     """Prints progress and keeps a copy in workdir/log.txt."""
 
-    def __init__(self, workdir: str, quiet: bool = False):
-        self.path, self.quiet = os.path.join(workdir, 'log.txt'), quiet
+    def __init__(self, workdir: str, quiet: bool = False, primary: bool = True):
+        self.path, self.quiet, self.primary = os.path.join(workdir, 'log.txt'), quiet, primary
 
     def __call__(self, msg: str) -> None:
+        if not self.primary:       # multi-process: process 0 speaks for the run
+            return
         if not self.quiet:
             print(msg, flush=True)
         with open(self.path, 'a') as f:
             f.write(msg + '\n')
+
+
+def _step(state: TrainState) -> int:
+    return int(host_local(state.step))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -192,12 +200,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     validate_config(config)
     _make_workdir(workdir)
-    log = Reporter(workdir, quiet)
+    primary = jax.process_index() == 0
+    log = Reporter(workdir, quiet, primary)
     data = data if data is not None else build_data(config)
     _check_workdir(workdir, config, data.class_names)
-    _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
-    _write_json(os.path.join(workdir, 'class_names.json'), data.class_names)
-    if data.skipped:
+    if primary:
+        _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+        _write_json(os.path.join(workdir, 'class_names.json'), data.class_names)
+    if data.skipped and primary:
         _write_json(os.path.join(workdir, 'skipped_files.json'), data.skipped)
         log(f'Skipped {len(data.skipped)} unreadable files (list: {workdir}/skipped_files.json).')
     for note in data.notes:
@@ -214,8 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     aug = AugmentConfig.from_config(config)
     init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state = create_train_state(config, init_rng, num_classes, steps_per_epoch)
-    # Data parallel over all local devices (batch split, state replicated); one device: plain jit.
-    mesh = data_parallel_mesh() if jax.local_device_count() > 1 else None
+    # Data parallel over every device of every process (batch split, state replicated); one
+    # device: plain jit. Several processes: each reads its rows of every global batch.
+    mesh = data_parallel_mesh() if jax.device_count() > 1 else None
+    multi = jax.process_count() > 1
+    shard = (jax.process_index(), jax.process_count())
+    if multi:
+        state = replicate(state, mesh)
     on_device = augment_on_device(config.augment_on, jax.default_backend())
     cache = None
     if on_device:
@@ -228,9 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if latest_mgr.latest_step() is not None:
         state, meta = _restore_resumable(latest_mgr, state, workdir, log)
         progress = Progress(**meta['progress'])
-        log(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch + 1}).')
+        log(f'Resumed from {workdir} at step {_step(state)} (epoch {progress.epoch + 1}).')
     history_path = os.path.join(workdir, 'metrics.jsonl')
-    history = _read_history(history_path, upto_epoch=progress.epoch)
+    history = _read_history(history_path, upto_epoch=progress.epoch, rewrite=primary)
 
     log(f'cars_jax: {num_classes} classes, {len(data.train)} train / {len(data.val)} val / '
         f'{len(data.test)} test images; {steps_per_epoch} steps/epoch x {config.num_epochs} '
@@ -244,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     stopper = _StopSignal()
     interrupted = False
-    run_start, run_start_step = time.time(), int(state.step)
+    run_start, run_start_step = time.time(), _step(state)
     with stopper.installed(), _closed_on_error(latest_mgr, best_mgr):
         while not progress.finished and progress.epoch < config.num_epochs:
             epoch = progress.epoch
@@ -252,30 +267,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 ds = pipeline.cached_train_epoch_dataset(
                     cache.images, cache.orig_hw, train_labels, seed=config.seed, epoch=epoch,
                     batch_size=config.batch_size, weighted=config.weighted_sampling,
-                    max_steps=config.max_steps_per_epoch, prefetch=config.prefetch_batches)
+                    max_steps=config.max_steps_per_epoch, prefetch=config.prefetch_batches,
+                    shard=shard)
             else:
                 ds = pipeline.train_epoch_dataset(
                     data.train, train_labels, aug, seed=config.seed, epoch=epoch,
                     batch_size=config.batch_size, weighted=config.weighted_sampling,
                     use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
                     max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
-                    prefetch=config.prefetch_batches)
+                    prefetch=config.prefetch_batches, shard=shard)
             step_keys = ('image', 'orig_hw', 'label') if cache is not None else ('image', 'label')
             it = pipeline.iterate(ds, progress.iterator)
             sums = dict(progress.epoch_sums) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
                                                  'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
             sums.setdefault('data_wait', 0.0)
             t_epoch = time.time()
-            step_in_epoch = int(state.step) - epoch * steps_per_epoch
+            step_in_epoch = _step(state) - epoch * steps_per_epoch
             first_step_in_epoch = step_in_epoch  # > 0 when resumed mid-epoch
             t_ready = time.time()
             for batch in it:
                 # The step before has finished (device_get below), so this is pure loader wait.
                 sums['data_wait'] += time.time() - t_ready
-                step = int(state.step)
+                step = _step(state)
                 rng = jax.random.fold_in(base_rng, step)
-                state, m = train_fn(state, {k: batch[k] for k in step_keys}, rng)
-                m = jax.device_get(m)
+                step_batch = {k: batch[k] for k in step_keys}
+                state, m = train_fn(state, global_batch(step_batch, mesh) if multi else step_batch,
+                                    rng)
+                m = host_local(m)
                 if not m['finite']:
                     raise TrainingError(_nonfinite_message(step, epoch, batch, data.train, m,
                                                            latest_mgr, best_mgr))
@@ -306,14 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 latest_mgr.wait_until_finished()
                 why = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}.get(stopper.received,
                                                                                'stop requested')
-                log(f'{why}: saved a checkpoint at step {int(state.step)} in {workdir}. '
+                log(f'{why}: saved a checkpoint at step {_step(state)} in {workdir}. '
                     'Run the same command again to resume.')
                 break
 
             train_time = sums['time'] + time.time() - t_epoch
-            val = evaluate(eval_fn, state, data.val, config)
+            val = evaluate(eval_fn, state, data.val, config, mesh)
             if val['count'] and not math.isfinite(val['loss']):  # diverged: never checkpoint it
-                raise TrainingError(_nonfinite_message(int(state.step), epoch, None, data.train,
+                raise TrainingError(_nonfinite_message(_step(state), epoch, None, data.train,
                                                        val, latest_mgr, best_mgr))
             improved = progress.best_val_loss - val['loss'] > config.min_delta
             if improved:
@@ -324,22 +342,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             n = max(sums['n'], 1)
             unmixed = n - sums['mixed']
             record = {
-                'epoch': epoch + 1, 'step': int(state.step),
+                'epoch': epoch + 1, 'step': _step(state),
                 'train_loss': sums['loss'] / n, 'train_accuracy': sums['accuracy'] / n,
                 'train_accuracy_unmixed': sums['unmixed_correct'] / unmixed if unmixed else None,
                 'mixup_share': sums['mixed'] / n,
                 'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_top5': val['top5'],
-                'lr': float(state.lr_schedule(state.step)), 'epoch_time_s': train_time,
+                'lr': float(state.lr_schedule(_step(state))), 'epoch_time_s': train_time,
                 'img_per_s': n * config.batch_size / max(train_time, 1e-9),
                 'data_wait_share': sums['data_wait'] / max(train_time, 1e-9), 'improved': improved,
             }
             history.append(record)
-            with open(history_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-            plot_curves(history, os.path.join(workdir, 'curves.png'))
-            done_steps = int(state.step) - run_start_step
+            if primary:
+                with open(history_path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                plot_curves(history, os.path.join(workdir, 'curves.png'))
+            done_steps = _step(state) - run_start_step
             rate = done_steps / max(time.time() - run_start, 1e-9)
-            eta = (total_steps - int(state.step)) / rate if rate > 0 else 0.0
+            eta = (total_steps - _step(state)) / rate if rate > 0 else 0.0
             log(f'Epoch {epoch + 1}/{config.num_epochs} | train loss {record["train_loss"]:.4f} '
                 f'acc {record["train_accuracy"]:.3f} | val loss {val["loss"]:.4f} '
                 f'acc {val["accuracy"]:.3f} top5 {val["top5"]:.3f} | lr {record["lr"]:.2e} | '
@@ -362,23 +381,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if interrupted:
         latest_mgr.close()
         best_mgr.close()
-        return {'interrupted': True, 'step': int(state.step)}
+        return {'interrupted': True, 'step': _step(state)}
 
-    report = _final_report(config, workdir, data, state, eval_fn, best_mgr, history, log)
+    report = _final_report(config, workdir, data, state, eval_fn, best_mgr, history, log, mesh)
     latest_mgr.close()
     best_mgr.close()
     return report
 
 
 def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eval_fn, best_mgr,
-                  history, log) -> dict[str, Any]:
+                  history, log, mesh=None) -> dict[str, Any]:
     """Restores the best checkpoint and evaluates it: that is what the run reports."""
     best_step = best_mgr.best_step()
     if best_step is None:
         raise TrainingError('no best checkpoint was written (did every epoch fail to improve?)')
     best_state, best_meta = restore_checkpoint(best_mgr, last_state, best_step)
     best_epoch = best_meta['progress']['best_epoch'] + 1
-    val = evaluate(eval_fn, best_state, data.val, config)
+    val = evaluate(eval_fn, best_state, data.val, config, mesh)
     report: dict[str, Any] = {'best_epoch': best_epoch, 'best_step': best_step, 'val': val,
                               'epochs_run': len(history)}
     log(f'Best checkpoint: epoch {best_epoch} (step {best_step}): val loss {val["loss"]:.4f}, '
@@ -391,16 +410,20 @@ def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eva
             f'val top-1 {last["val_accuracy"]:.4f}, loss {last["val_loss"]:.4f}. We report the '
             f'best-val-loss checkpoint.)')
     if len(data.test):
-        test = evaluate(eval_fn, best_state, data.test, config)
+        test = evaluate(eval_fn, best_state, data.test, config, mesh)
         report['test'] = test
         log(f'Test (evaluated once, best checkpoint): top-1 {test["accuracy"]:.4f}, '
             f'top-5 {test["top5"]:.4f}, loss {test["loss"]:.4f} on {test["count"]} images.')
-    report['reports'] = full_report(best_state, data, config, os.path.join(workdir, 'eval'), log)
-    _write_json(os.path.join(workdir, 'final_report.json'), report)
+    if jax.process_index() == 0:   # figures and tables: process 0 alone, on a local copy
+        local = best_state if jax.process_count() == 1 else jax.device_put(host_local(best_state))
+        report['reports'] = full_report(local, data, config, os.path.join(workdir, 'eval'), log)
+        _write_json(os.path.join(workdir, 'final_report.json'), report)
+    if jax.process_count() > 1:    # the others wait: a process that exits early fails the run
+        multihost_utils.sync_global_devices('cars_jax_final_report')
     return report
 
 
-def _read_history(path: str, upto_epoch: int) -> list[dict]:
+def _read_history(path: str, upto_epoch: int, rewrite: bool = True) -> list[dict]:
     """metrics.jsonl lines of completed epochs (a crash may have left a line past the ckpt,
     or a torn last line); rewritten atomically, so a kill here loses nothing."""
     if not os.path.exists(path):
@@ -413,6 +436,8 @@ def _read_history(path: str, upto_epoch: int) -> list[dict]:
             except ValueError:
                 continue
     rows = [r for r in rows if isinstance(r, dict) and r.get('epoch', math.inf) <= upto_epoch]
+    if not rewrite:
+        return rows
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in rows)

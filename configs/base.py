@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.erasing_ratio = (0.3, 3.3)
     c.erasing_value = 0.0
     c.eval_resize = 'squash'       # eval: 'squash' to image_size^2 (seed) | 'center_crop'
+    c.eval_flip_tta = False        # validation/test score = mean logits of image + mirror (not the seed)
 
     # ---- model: the seed's VehicleResNet = ResNet-18 topology + Dropout(0.5) -----------------
     c.stage_sizes = (2, 2, 2, 2)

@@ -125,3 +125,29 @@ def test_worker_processes_give_the_same_batches_and_resume():
     assert len(first) + len(rest) == len(threads) == 6
     for x, y in zip(threads, first + rest):
         np.testing.assert_array_equal(x['image'], y['image'])
+
+
+@pytest.mark.parametrize('processes', [2, 4])
+def test_processes_read_their_rows_and_together_make_the_single_process_batches(processes):
+    """Multi-host input: process p's batch k is rows [p*b, (p+1)*b) of the global batch k,
+    augmentation included (draws depend on the position in the epoch, not on the split)."""
+    labels = np.array([0, 1, 2, 3] * 6)
+    recs, aug = _records(labels), _aug()
+    kw = dict(seed=5, epoch=2, batch_size=8, weighted=True)
+    whole = list(pipeline.train_epoch_dataset(recs, labels, aug, **kw))
+    parts = [list(pipeline.train_epoch_dataset(recs, labels, aug, shard=(p, processes), **kw))
+             for p in range(processes)]
+    assert all(len(part) == len(whole) == 3 for part in parts)
+    for k, batch in enumerate(whole):
+        for key in ('image', 'label', 'index'):
+            joined = np.concatenate([part[k][key] for part in parts])
+            np.testing.assert_array_equal(joined, batch[key])
+    ev = list(pipeline.eval_dataset(recs[:21], aug, batch_size=8))
+    ev_parts = [[pipeline.pad_batch(b, 8 // processes) for b in
+                 pipeline.eval_dataset(recs[:21], aug, batch_size=8, shard=(p, processes))]
+                for p in range(processes)]
+    got = np.concatenate([b['index'][b['mask'] > 0] for part in ev_parts for b in part])
+    assert sorted(got.tolist()) == list(range(21))              # every record once
+    assert sum(float(b['mask'].sum()) for part in ev_parts for b in part) == 21
+    assert len({len(part) for part in ev_parts}) == 1            # same number of steps
+    assert sum(len(b['label']) for b in ev) == 21

@@ -168,3 +168,23 @@ def test_dtype_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
     assert compute_dtype('float32', 'gpu') == jnp.float32
     with pytest.raises(ValueError, match='float16'):
         compute_dtype('float16', 'cpu')
+
+
+def test_flip_tta_scores_the_mean_logits_of_image_and_mirror():
+    c = tiny_config()
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    batch = _batch(n=8)
+    batch['mask'] = np.ones(8, np.float32)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    plain = np.asarray(state.apply_fn(variables, batch['image'], train=False))
+    mirror = np.asarray(state.apply_fn(variables, batch['image'][:, :, ::-1].copy(), train=False))
+    mean = (plain + mirror) / 2
+    got = eval_step(state, batch, flip_tta=True)
+    want_correct = np.sum(mean.argmax(-1) == batch['label'])
+    assert float(got['correct_sum']) == want_correct
+    logp = mean - np.log(np.exp(mean - mean.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - mean.max(-1, keepdims=True)
+    eps = 0.05
+    target = np.full(mean.shape, eps / 3) + (1 - eps) * np.eye(3)[batch['label']]
+    np.testing.assert_allclose(float(got['loss_sum']), -(target * logp).sum(), rtol=1e-5)
+    assert not np.allclose(plain, mirror)      # the mirror is a different view

@@ -15,6 +15,7 @@ import grain
 from absl import flags
 import numpy as np
 
+from cars_jax.distributed import shard_rows
 from cars_jax.data.augment import AugmentConfig, eval_transform, train_transform
 from cars_jax.data.sources import Record, decode_image
 
@@ -60,15 +61,21 @@ def _decode_or_substitute(records: Sequence[Record], index: int, use_bbox: bool,
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainMap(grain.transforms.RandomMap):
-    """Decode + the seed's augmentation, with grain's per-element seeded Generator."""
+class TrainMap(grain.transforms.Map):
+    """Decode + the seed's augmentation. An element is (global position in the epoch, record
+    index); the draws come from (seed, epoch, position), so they do not depend on how the
+    epoch is split over processes or workers."""
     records: Sequence[Record]
     aug: AugmentConfig
+    seed: int
+    epoch: int
     use_bbox: bool = False
     bbox_margin: int = 0
 
-    def random_map(self, element: int, rng: np.random.Generator) -> dict:
-        index, image = _decode_or_substitute(self.records, int(element), self.use_bbox,
+    def map(self, element: np.ndarray) -> dict:
+        position, record = (int(v) for v in element)
+        rng = np.random.default_rng([self.seed, self.epoch, 0xA06, position])
+        index, image = _decode_or_substitute(self.records, record, self.use_bbox,
                                              self.bbox_margin)
         return {'image': train_transform(image, rng, self.aug),
                 'label': np.int32(self.records[index].label),
@@ -77,17 +84,21 @@ class TrainMap(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class EvalMap(grain.transforms.Map):
+    """Decode + the eval resize. An element >= len(records) is padding (of a sharded eval):
+    record element % n, with mask 0."""
     records: Sequence[Record]
     aug: AugmentConfig
     use_bbox: bool = False
     bbox_margin: int = 0
 
     def map(self, element: int) -> dict:
-        index, image = _decode_or_substitute(self.records, int(element), self.use_bbox,
+        n = len(self.records)
+        index, image = _decode_or_substitute(self.records, int(element) % n, self.use_bbox,
                                              self.bbox_margin)
         return {'image': eval_transform(image, self.aug),
                 'label': np.int32(self.records[index].label),
-                'index': np.int32(index)}
+                'index': np.int32(index),
+                'mask': np.float32(int(element) < n)}
 
 
 def _read_options(num_workers: int, prefetch: int) -> grain.ReadOptions:
@@ -115,23 +126,36 @@ def steps_per_epoch(num_records: int, batch_size: int, max_steps: int = 0) -> in
 def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: AugmentConfig, *,
                         seed: int, epoch: int, batch_size: int, weighted: bool = True,
                         use_bbox: bool = False, bbox_margin: int = 0, max_steps: int = 0,
-                        num_workers: int = 0, prefetch: int = 4) -> grain.IterDataset:
-    """The train batches of one epoch (drop_remainder: every step has one static shape)."""
+                        num_workers: int = 0, prefetch: int = 4,
+                        shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+    """The train batches of one epoch (drop_remainder: every step has one static shape).
+    shard=(process_index, process_count): this process's rows of each global batch."""
     n_steps = steps_per_epoch(len(records), batch_size, max_steps)
     indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
-    # The source is the record indices; the map holds the records and decodes by index.
-    ds = (grain.MapDataset.source(indices)
-          .seed(int(np.random.default_rng([seed, epoch, 0xA06]).integers(2**31)))
-          .random_map(TrainMap(records, aug, use_bbox, bbox_margin))
+    # The source is (position in the epoch, record index) rows; the map holds the records,
+    # decodes by index and draws the augmentation from the position.
+    elements = np.stack([np.arange(len(indices)), indices], axis=1)
+    elements = elements[shard_rows(np.arange(len(indices)), batch_size, *shard)]
+    batch_size //= shard[1]
+    ds = (grain.MapDataset.source(elements)
+          .map(TrainMap(records, aug, seed, epoch, use_bbox, bbox_margin))
           .batch(batch_size, drop_remainder=True))
     return _to_iter(ds, num_workers, prefetch)
 
 
 def eval_dataset(records: Sequence[Record], aug: AugmentConfig, *, batch_size: int,
                  use_bbox: bool = False, bbox_margin: int = 0, num_workers: int = 0,
-                 prefetch: int = 4) -> grain.IterDataset:
-    """Deterministic eval batches; the last one is short (pad it with `pad_batch`)."""
-    ds = (grain.MapDataset.source(np.arange(len(records)))
+                 prefetch: int = 4, shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+    """Deterministic eval batches; the last one is short (pad it with `pad_batch`).
+    Sharded over processes, the records are padded to whole global batches (mask 0) and each
+    process reads its rows of each, so every process runs the same number of steps."""
+    n = len(records)
+    indices = np.arange(n)
+    if shard[1] > 1:
+        total = -(-n // batch_size) * batch_size
+        indices = shard_rows(np.arange(total), batch_size, *shard)   # >= n: padding
+        batch_size //= shard[1]
+    ds = (grain.MapDataset.source(indices)
           .map(EvalMap(records, aug, use_bbox, bbox_margin))
           .batch(batch_size, drop_remainder=False))
     return _to_iter(ds, num_workers, prefetch)
@@ -156,13 +180,16 @@ class GatherCached(grain.transforms.Map):
 
 def cached_train_epoch_dataset(images: np.ndarray, orig_hw: np.ndarray, labels: np.ndarray, *,
                                seed: int, epoch: int, batch_size: int, weighted: bool = True,
-                               max_steps: int = 0, prefetch: int = 4) -> grain.IterDataset:
+                               max_steps: int = 0, prefetch: int = 4,
+                               shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
     """The train batches of one epoch from a decode-once cache (`cache.build_cache`): the same
     indices as `train_epoch_dataset`, un-augmented uint8 images + orig_hw for the device path.
     The host only copies memory, so in-process threads are enough."""
     labels = np.asarray(labels)
     n_steps = steps_per_epoch(len(labels), batch_size, max_steps)
     indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
+    indices = shard_rows(indices, batch_size, *shard)
+    batch_size //= shard[1]
     ds = (grain.MapDataset.source(indices)
           .batch(batch_size, drop_remainder=True)
           .map(GatherCached(images, orig_hw, labels)))
@@ -173,9 +200,10 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
     """Pads a short batch to batch_size and adds `mask` (1 real, 0 padding), so that the eval
     step compiles once for every batch."""
     n = len(batch['label'])
+    mask = batch.get('mask', np.ones(n, np.float32))
     out = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
            if n < batch_size else v for k, v in batch.items()}
-    out['mask'] = (np.arange(batch_size) < n).astype(np.float32)
+    out['mask'] = np.concatenate([mask, np.zeros(batch_size - n, np.float32)]).astype(np.float32)
     return out
 
 

@@ -1,0 +1,244 @@
+"""The PyTorch baselines of `cars_jax.bench`: the seed notebook's network, train step and loader.
+
+torch is optional: nothing here imports it at module level, so `cars_jax.bench` runs without it
+and skips these rows. The network is the notebook's §3 code (as in tests/test_interop.py's
+`seed_classes`), with the stage sizes and widths as arguments so narrow variants can be timed;
+the defaults give the seed's VehicleResNet (11,277,060 parameters).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SEED_STAGES = (2, 2, 2, 2)
+SEED_WIDTHS = (64, 128, 256, 512)
+TORCH_LOADER_PORT = ("torch DataLoader + the seed's transforms (cars_jax numpy/PIL port; "
+                     'torchvision not installed)')
+TORCH_LOADER_TV = "torch DataLoader + the seed's torchvision transforms"
+
+
+def import_torch() -> Any | None:
+    """torch, or None when it is not installed (the caller prints a note and skips the row)."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - a broken install is as good as none here
+        return None
+    return torch
+
+
+def import_torchvision_transforms() -> Any | None:
+    """torchvision.transforms, or None. A torchvision wheel built for another torch raises a
+    RuntimeError (not ImportError) on import, hence the broad except."""
+    try:
+        from torchvision import transforms
+    except Exception:  # noqa: BLE001
+        return None
+    return transforms
+
+
+def torch_version(torch: Any) -> str:
+    return f'PyTorch {torch.__version__}'
+
+
+def build_seed_resnet(torch: Any, num_classes: int = 196,
+                      stage_sizes: Sequence[int] = SEED_STAGES,
+                      widths: Sequence[int] = SEED_WIDTHS) -> Any:
+    """The seed's VehicleResNet (torchvision-style BasicBlock ResNet + Dropout(0.5) + FC), built
+    with the given torch module; defaults are the seed's ResNet-18 topology."""
+    nn = torch.nn
+
+    class ResidualBlock(nn.Module):          # = torchvision BasicBlock (post-activation)
+        def __init__(self, in_c, out_c, stride=1):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_c, out_c, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(out_c)
+            self.conv2 = nn.Conv2d(out_c, out_c, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(out_c)
+            self.relu = nn.ReLU(inplace=True)
+            self.down = None
+            if stride != 1 or in_c != out_c:
+                self.down = nn.Sequential(nn.Conv2d(in_c, out_c, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_c))
+
+        def forward(self, x):
+            id = x if self.down is None else self.down(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return self.relu(out + id)
+
+    class VehicleResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.relu = nn.ReLU(inplace=True)
+            self.maxp = nn.MaxPool2d(3, 2, 1)
+            ci = widths[0]
+            for i, (b, co) in enumerate(zip(stage_sizes, widths), start=1):
+                setattr(self, f'l{i}', self._mk(ci, co, b, 1 if i == 1 else 2))
+                ci = co
+            self.n = len(widths)
+            self.avg = nn.AdaptiveAvgPool2d(1)
+            self.drop = nn.Dropout(0.5)
+            self.fc = nn.Linear(ci, num_classes)
+
+        def _mk(self, ci, co, b, s):
+            layers = [ResidualBlock(ci, co, s)]
+            for _ in range(1, b):
+                layers.append(ResidualBlock(co, co))
+            return nn.Sequential(*layers)
+
+        def forward(self, x):
+            x = self.maxp(self.relu(self.bn1(self.conv1(x))))
+            for i in range(1, self.n + 1):
+                x = getattr(self, f'l{i}')(x)
+            return self.fc(self.drop(self.avg(x).flatten(1)))
+
+    return VehicleResNet()
+
+
+def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, repeats: int, *,
+                     num_classes: int = 196, stage_sizes: Sequence[int] = SEED_STAGES,
+                     widths: Sequence[int] = SEED_WIDTHS, num_threads: int | None = None) -> dict:
+    """Images/s of the seed's train step (AdamW lr 1e-3 wd 1e-4, CE with label smoothing 0.05,
+    MixUp alpha 0.4 on every other batch = half of them, OneCycleLR stepped per batch) and of
+    its eval step (no_grad), eager float32 on the CPU with `num_threads` (default: all cores).
+    The same shapes and medians as bench's JAX rows; the previous thread count is restored."""
+    nn = torch.nn
+    threads = int(num_threads or os.cpu_count() or 1)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        model = build_seed_resnet(torch, num_classes, stage_sizes, widths)
+        criterion = nn.CrossEntropyLoss(label_smoothing=0.05)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        total = max(70 * 255, 1 + repeats * steps + 1)     # the seed's schedule length
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=1e-3, total_steps=total, pct_start=0.1, anneal_strategy='cos',
+            cycle_momentum=False)
+        x = torch.from_numpy(rng.normal(size=(batch_size, 3, image_size, image_size))
+                             .astype(np.float32))
+        y = torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))
+
+        def train(i: int) -> float:
+            model.train()
+            optimizer.zero_grad()
+            if i % 2 == 0:                                    # the seed's mixup_data / mixup_loss
+                lam = float(rng.beta(0.4, 0.4))
+                idx = torch.randperm(x.size(0))
+                out = model(lam * x + (1 - lam) * x[idx])
+                loss = lam * criterion(out, y) + (1 - lam) * criterion(out, y[idx])
+            else:
+                out = model(x)
+                loss = criterion(out, y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            return float(loss.detach())
+
+        t = time.perf_counter()
+        train(0)
+        first_s = time.perf_counter() - t
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for i in range(steps):
+                train(i + 1)
+            rates.append(steps * batch_size / (time.perf_counter() - t))
+
+        def evaluate() -> None:
+            model.eval()
+            with torch.no_grad():
+                out = model(x)
+                criterion(out, y).item()
+                (out.argmax(1) == y).sum().item()
+
+        evaluate()
+        eval_rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(steps):
+                evaluate()
+            eval_rates.append(steps * batch_size / (time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(old_threads)
+    return {'train_images_per_s': statistics.median(rates),
+            'eval_images_per_s': statistics.median(eval_rates),
+            'first_step_s': first_s, 'threads': threads}
+
+
+class SeedTransformDataset:
+    """A map-style dataset (what torch's DataLoader indexes): decode one record with PIL and run
+    the seed's train transforms on it, per item, as the notebook's ImageFolder + transforms.
+
+    With `tv_transforms` (a torchvision Compose) it runs the real torchvision chain on a PIL
+    image; otherwise cars_jax's numpy/PIL port (`augment.train_transform`), with a generator
+    seeded by (seed, index, draw count) so workers do not repeat each other's draws. Plain
+    Python (picklable, no torch import), so worker processes can receive it."""
+
+    def __init__(self, records: Sequence[Any], aug: Any, seed: int = 0,
+                 tv_transforms: Any | None = None):
+        self.records, self.aug, self.seed, self.tv = records, aug, seed, tv_transforms
+        self._draws = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        from cars_jax.data.augment import train_transform
+        from cars_jax.data.sources import decode_image
+        rec = self.records[int(index)]
+        self._draws += 1
+        if self.tv is not None:
+            from PIL import Image
+            return self.tv(Image.fromarray(decode_image(rec))), int(rec.label)
+        rng = np.random.default_rng([self.seed, int(index), self._draws, os.getpid()])
+        return train_transform(decode_image(rec), rng, self.aug), int(rec.label)
+
+
+def torchvision_seed_transforms(transforms: Any, image_size: int) -> Any:
+    """The notebook's train_transforms (seed-notebook.md §2), verbatim."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(15),
+        transforms.ColorJitter(0.2, 0.2, 0.2, 0.1),
+        transforms.RandomAffine(0, translate=(0.1, 0.1), shear=10),
+        transforms.GaussianBlur(3, sigma=(0.1, 2.0)),
+        transforms.RandomGrayscale(p=0.1),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        transforms.RandomErasing(p=0.3, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0),
+    ])
+
+
+def torch_loader_rate(torch: Any, records: Sequence[Any], labels: np.ndarray, aug: Any,
+                      batch_size: int, batches: int, num_workers: int, seed: int = 0) -> tuple[float, str]:
+    """(images/s, row name) of the seed's loader: WeightedRandomSampler(1/class count,
+    replacement) + DataLoader(batch_size, num_workers) over per-image decode + train transforms.
+    Timed from the iterator's creation (worker start-up counts), `batches` batches."""
+    transforms = import_torchvision_transforms()
+    tv = torchvision_seed_transforms(transforms, aug.image_size) if transforms else None
+    name = TORCH_LOADER_TV if tv is not None else TORCH_LOADER_PORT
+    counts = np.bincount(labels)
+    weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(weights),
+                                                     replacement=True, generator=gen)
+    loader = torch.utils.data.DataLoader(SeedTransformDataset(records, aug, seed, tv),
+                                         batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, drop_last=True)
+    t = time.perf_counter()
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch_size / (time.perf_counter() - t)
+    del it
+    return rate, name

@@ -1,0 +1,141 @@
+"""The benchmark command's functions at tiny sizes: result structure, positive rates, the ratio
+arithmetic, and the PyTorch rows present exactly when torch imports. No speed is asserted."""
+import math
+
+import numpy as np
+import pytest
+
+from cars_jax import bench, bench_torch
+from cars_jax.data.sources import Record
+
+TORCH = bench_torch.import_torch() is not None
+TINY_NET = dict(widths=(4, 8), stage_sizes=(1, 1))
+
+
+def _records(n=40, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Record(image=rng.integers(0, 256, (int(rng.integers(20, 40)),
+                                               int(rng.integers(20, 40)), 3), dtype=np.uint8),
+                   label=i % classes, key=f'{i}') for i in range(n)]
+
+
+def _close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+@pytest.fixture(scope='module')
+def loader_results():
+    # torch rows first in run_loader (DataLoader forks before XLA starts threads)
+    return bench.run_loader('', 16, 8, 2, 2, [0], torch_workers=(0, 1), records=_records())
+
+
+def test_loader_rows_and_ratios(loader_results):
+    r = loader_results
+    assert r['images_timed'] == 16 and r['data_dir'] == '(in-memory records)'
+    names = [row['pipeline'] for row in r['rows']]
+    assert names[0].startswith('plain Python loop')
+    assert any(n.startswith('grain, num_workers=0') for n in names)
+    assert any(n.startswith('decode-once cache 18px') for n in names)   # round(16 * 8/7)
+    assert any('jitted device augmentation' in n and 'this CPU' in n for n in names)
+    base = r['rows'][0]['images_per_s']
+    for row in r['rows']:
+        assert row['images_per_s'] > 0 and row['cores'] >= 1
+        assert _close(row['ratio'], row['images_per_s'] / base)
+        assert _close(row['images_per_s_per_core'], row['images_per_s'] / row['cores'])
+    assert r['cache_build_s'] > 0 and r['cache_size'] == 18
+    assert r['device_augment']['backend'] == 'cpu' and r['device_augment']['compile_s'] > 0
+    torch_rows = [row for row in r['rows'] if row['pipeline'].startswith('torch DataLoader')]
+    assert (len(torch_rows) == 2) == TORCH
+    assert all(('vs_torch' in row) == TORCH for row in r['rows'])
+    bench.print_table(r)
+
+
+def test_loader_torch_baseline(loader_results):
+    pytest.importorskip('torch')
+    r = loader_results
+    torch_rows = [row for row in r['rows'] if row['pipeline'].startswith('torch DataLoader')]
+    assert [row['pipeline'].rsplit('=', 1)[1] for row in torch_rows] == ['0', '1']
+    assert [row['cores'] for row in torch_rows] == [1, 1]
+    label = torch_rows[0]['pipeline']
+    if bench_torch.import_torchvision_transforms() is None:
+        assert 'cars_jax numpy/PIL port; torchvision not installed' in label
+    tbase = torch_rows[0]['images_per_s']
+    assert r['torch_baseline'] == label and _close(torch_rows[0]['vs_torch'], 1.0)
+    for row in r['rows']:
+        assert _close(row['vs_torch'], row['images_per_s'] / tbase)
+
+
+def test_loader_without_torch_prints_a_note():
+    r = bench.run_loader('', 16, 8, 1, 1, [], torch_workers=(0,), records=_records(16),
+                         use_torch=False)
+    assert not any('torch' in row['pipeline'] for row in r['rows'])
+    assert 'vs_torch' not in r['rows'][0] and 'skipped' in r['notes'][0]
+
+
+def test_step_rows_and_ratios():
+    r = bench.run_step(16, 4, 2, 2, ['xla'], num_classes=5, **TINY_NET)
+    jax_rows = [row for row in r['rows'] if row['framework'] == 'jax']
+    assert [row['conv_impl'] for row in jax_rows] == ['xla']
+    torch_rows = [row for row in r['rows'] if row['framework'] != 'jax']
+    assert len(torch_rows) == int(TORCH)
+    base = r['rows'][0]['train_images_per_s']
+    for row in r['rows']:
+        assert row['train_images_per_s'] > 0 and row['eval_images_per_s'] > 0
+        assert _close(row['ratio'], row['train_images_per_s'] / base)
+        assert ('vs_pytorch' in row) == TORCH
+    if TORCH:
+        t = torch_rows[0]
+        assert t['framework'].startswith('PyTorch') and 'threads' in t['conv_impl']
+        for row in r['rows']:
+            assert _close(row['vs_pytorch'], row['train_images_per_s'] / t['train_images_per_s'])
+            assert _close(row['eval_vs_pytorch'],
+                          row['eval_images_per_s'] / t['eval_images_per_s'])
+    else:
+        assert 'skipped' in r['notes'][0]
+    bench.print_step_table(r)
+
+
+def test_torch_seed_network_matches_the_seed():
+    torch = pytest.importorskip('torch')
+    net = bench_torch.build_seed_resnet(torch)
+    assert sum(p.numel() for p in net.parameters()) == 11_277_060   # seed-notebook.md §3
+    small = bench_torch.build_seed_resnet(torch, 5, (1, 1), (4, 8))
+    assert small(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
+    old = torch.get_num_threads()
+    out = bench_torch.torch_step_rates(torch, 16, 4, 2, 1, num_classes=5, **TINY_NET,
+                                       num_threads=1)
+    assert out['threads'] == 1 and out['train_images_per_s'] > 0
+    assert torch.get_num_threads() == old        # restored
+
+
+def test_synthetic_cars_arrays_shapes():
+    d = bench.synthetic_cars_arrays(300, 7, 64, 5, 16, seed=1)
+    assert d['images'].shape == (300, 64, 64, 3) and d['images'].dtype == np.uint8
+    assert d['eval_images'].shape == (5, 16, 16, 3)
+    assert d['labels'].min() >= 0 and d['labels'].max() < 7
+    assert (d['orig_hw'] >= 240).all() and (d['orig_hw'][:, 1] > d['orig_hw'][:, 0]).all()
+    # smooth: neighbouring pixels differ far less than independent noise (~85 mean |diff|)
+    assert np.abs(np.diff(d['images'].astype(int), axis=1)).mean() < 20
+    assert d['images'].std() > 20
+
+
+def test_chunk_sizes():
+    assert bench.chunk_sizes(5, 2) == [2, 2, 1]
+    assert bench.chunk_sizes(4, 2) == [2, 2]
+    assert bench.chunk_sizes(5, 0) == [5] and bench.chunk_sizes(5, 9) == [5]
+
+
+def test_fused_tiny_run_and_projection():
+    # one chunk length, one compile of each program: 32 images / batch 8 = 4 steps = 2 x 2
+    r = bench.run_fused(num_images=32, num_classes=4, image_size=16, epochs=3, batch_size=8,
+                        chunk_steps=2, run_epochs=2, eval_images=10, **TINY_NET)
+    assert r['cache_size'] == 18 and r['steps_per_epoch'] == 4
+    assert r['chunks_per_epoch'] == 2 and r['chunk_steps'] == 2
+    assert r['epochs_run'] == 2 and r['measured_wall_s'] is None and r['measured_run_s'] > 0
+    assert r['steady_train_images_per_s'] > 0 and r['eval_images_per_s'] > 0
+    assert r['train_compile_s'] > 0 and r['eval_compile_s'] > 0 and r['all_steps_finite']
+    epoch = 4 * 8 / r['steady_train_images_per_s'] + r['eval_s_per_epoch']
+    assert _close(r['projected_epoch_s'], epoch)
+    assert _close(r['projected_wall_s'],
+                  r['train_compile_s'] + r['eval_compile_s'] + 3 * epoch)
+    bench.print_fused_table(r)

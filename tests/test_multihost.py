@@ -1,0 +1,78 @@
+"""Two processes (jax.distributed, CPU collectives over gloo) train one model as one process
+with two devices does: each reads its rows of every global batch, process 0 alone writes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from test_train import _params, make_folders, run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, 'main.py')
+
+
+def _args(data_dir, workdir):
+    return [MAIN, '--config=configs/demo.py', '--config.data_source=folders',
+            f'--config.data_dir={data_dir}', '--config.num_classes=0', '--config.image_size=16',
+            '--config.widths=(4,8,8,8)', '--config.batch_size=4',
+            '--config.max_steps_per_epoch=3', '--config.num_epochs=2',
+            '--config.log_every_steps=2', f'--workdir={workdir}']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+    data_dir = make_folders(tmp_path / 'cars')
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+    one = tmp_path / 'one'
+    r = subprocess.run([sys.executable, *_args(data_dir, one)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600,
+                       env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    two = tmp_path / 'two'
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *_args(data_dir, two),
+                               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                               f'--process_id={i}'], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], '\n----\n'.join(outs)
+    # process 0 speaks for the run; process 1 trains silently
+    assert 'Done.' in outs[0] and 'Epoch 2/2' in outs[0], outs[0]
+    assert 'Epoch' not in outs[1] and 'Done.' not in outs[1], outs[1]
+    log = open(two / 'log.txt').read()
+    assert log.count('Epoch 1/2') == 1 and log.count('Epoch 2/2') == 1
+
+    c = run_config(data_dir, image_size=16, widths=(4, 8, 8, 8), stage_sizes=(2, 2, 2, 2))
+    a, _ = _params(one, c)
+    b, _ = _params(two, c)
+    assert int(a.step) == int(b.step) == 6
+    for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)),
+                    jax.tree.leaves((b.params, b.batch_stats))):
+        # same math; only the order of the cross-device sums may differ
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    rows_a = [json.loads(l) for l in open(one / 'metrics.jsonl')]
+    rows_b = [json.loads(l) for l in open(two / 'metrics.jsonl')]
+    assert [r['epoch'] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra['val_accuracy'] == rb['val_accuracy']
+        np.testing.assert_allclose(ra['val_loss'], rb['val_loss'], rtol=1e-4)
+        np.testing.assert_allclose(ra['train_loss'], rb['train_loss'], rtol=1e-4)
+    assert os.path.exists(two / 'final_report.json')
