@@ -1,12 +1,17 @@
-"""A faster from-scratch recipe on the real low-resolution data (a first candidate, see README).
+"""A faster from-scratch recipe on the real low-resolution data (best measured so far, see README).
 
-Changes against configs/cars_lowres.py, each a guess to be confirmed by the ablation the
-project still owes (README, "Real images"):
+Changes against configs/cars_lowres.py (the seed's recipe at 64 px), measured on the same 80/20
+split at a 10-epoch budget (README, "Real images", ablation table):
   - plain shuffling instead of the class-weighted sampler: Stanford Cars is nearly balanced
     (24-68 images per class), and drawing with replacement shows only ~63% of the distinct
     images each epoch;
-  - a higher peak learning rate, no weight decay on BN/biases, zero-init of each block's last BN;
-  - less regularisation for a short run: dropout 0.2, MixUp on 20% of batches, smoothing 0.1.
+  - light augmentation: the seed's crop, flip and colour jitter (no hue) only; no rotation,
+    translation/shear, blur, grayscale or erasing. In 10 epochs the seed's model underfits
+    (train accuracy 3%): every extra distortion slows the fit more than it regularises;
+  - no dropout, no MixUp, label smoothing 0.1;
+  - peak lr 2e-3, no weight decay on BN/biases, zero-init of each block's last BN scale.
+It reaches 6.7% top-1 in 10 epochs (the seed's recipe: 7.2% after 30), so the 10-epoch goal
+is not met yet.
 """
 import os
 import sys
@@ -18,11 +23,18 @@ import cars_lowres  # noqa: E402
 def get_config():
     c = cars_lowres.get_config()
     c.weighted_sampling = False
-    c.learning_rate = 3e-3
+    c.rotation_degrees = 0.0
+    c.translate = 0.0
+    c.shear_degrees = 0.0
+    c.blur_kernel = 1
+    c.grayscale_prob = 0.0
+    c.erasing_prob = 0.0
+    c.hue = 0.0
+    c.dropout = 0.0
+    c.mixup_prob = 0.0
+    c.label_smoothing = 0.1
+    c.learning_rate = 2e-3
     c.wd_exclude_bn_bias = True
     c.zero_init_last_bn = True
-    c.dropout = 0.2
-    c.mixup_prob = 0.2
-    c.label_smoothing = 0.1
     c.num_epochs = 10
     return c
