@@ -69,6 +69,8 @@ def run(argv) -> int:
     if FLAGS.mode == 'train':
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from cars_jax import train
+    if not FLAGS.verbose:  # a full disk: Orbax's first error line, then quiet (its threads' pages)
+        logging.get_absl_handler().addFilter(train.MuteOnDiskFull(logging.get_absl_handler()))
     config = FLAGS.config
     workdir = FLAGS.workdir or _default_workdir()
     if FLAGS.mode == 'train':

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -114,15 +115,57 @@ def is_disk_full(e: BaseException) -> bool:
 
 def mute_stderr() -> int:
     """Points fd 2 at /dev/null (every thread's output, Python's and C++'s) and returns a
-    private copy of the real stderr, for the one error line that should be read."""
+    private copy of the real stderr, for the one error line that should be read. Idempotent:
+    later calls return the same copy (the first sign of a full disk mutes, the exit reuses it)."""
     import sys
+    if _MUTED_STDERR:
+        return _MUTED_STDERR[0]
     sys.stdout.flush()
     sys.stderr.flush()
     own = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+    _MUTED_STDERR.append(own)
     return own
+
+
+_MUTED_STDERR: list[int] = []   # the private copy of fd 2 once muted (process-wide, like fd 2)
+
+
+class MuteOnDiskFull(logging.Filter):
+    """A log filter for the console handler: the first library log record about a full disk
+    (Orbax's save threads log it the moment a write fails, before the training loop can see
+    the error) is written as its one line to the real stderr, and stderr is muted from then
+    on. Without this, the failing save threads' tracebacks ("Event loop is closed", pages of
+    them) can reach the console in the window before the loop mutes it."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _MUTED_STDERR or not _mentions_disk_full(record):
+            return not _MUTED_STDERR
+        own = mute_stderr()
+        try:
+            line = ' '.join(self.handler.format(record).split('\n')[0].split())
+        except Exception:  # noqa: BLE001 - a log line must never raise
+            line = 'a checkpoint write failed: the disk is full'
+        os.write(own, (line + '\n').encode())
+        return False
+
+
+def _mentions_disk_full(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and is_disk_full(exc):
+        return True
+    try:
+        msg = record.getMessage()
+    except Exception:  # noqa: BLE001
+        return False
+    return any(f'[Errno {n}]' in msg or os.strerror(n) in msg
+               for n in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

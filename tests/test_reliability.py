@@ -406,3 +406,32 @@ def test_full_disk_is_a_clear_error_and_the_last_checkpoint_is_intact(demo_dir, 
     state, _ = restore(workdir, demo_dir)
     assert int(state.step) == 4 and all_finite(state)
     assert_every_checkpoint_restores(workdir, demo_dir)
+
+
+_MUTE_AFTER_FIRST_DISK_FULL_RECORD = r'''
+import errno, logging, os, sys, threading
+from cars_jax.train import MuteOnDiskFull
+handler = logging.StreamHandler(sys.stderr)
+handler.setFormatter(logging.Formatter('E %(message)s'))
+handler.addFilter(MuteOnDiskFull(handler))
+log = logging.getLogger('orbax-like')
+log.addHandler(handler)
+log.propagate = False
+log.error('saved step 4')                                       # not about the disk: shown
+log.error('Failed to write: [Errno 28] No space left on device: /w/5\nsecond line')
+log.error('a later error line')                                 # muted
+t = threading.Thread(target=lambda: print('Traceback (most recent call last):', file=sys.stderr))
+t.start(); t.join()                                             # a save thread's page: muted
+os.write(2, b'Traceback from C++\n')                            # fd 2 itself: muted
+'''
+
+
+def test_the_first_disk_full_log_record_mutes_stderr_before_the_loop_sees_the_error():
+    """Orbax's save threads log a full disk (and print tracebacks) before the training loop
+    sees the failed save; the first such record must mute stderr then and there (CI once
+    caught pages of 'Event loop is closed' tracebacks in that window)."""
+    r = subprocess.run([sys.executable, '-c', _MUTE_AFTER_FIRST_DISK_FULL_RECORD], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        'E saved step 4', 'E Failed to write: [Errno 28] No space left on device: /w/5'], r.stderr
