@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: `latest` (resume) and `best` (kept by validation loss).
+"""Orbax checkpoints of a run: `latest` (resume) and `best` (by validation loss or accuracy).
 
 Both hold a Composite of the TrainState (StandardSave) and a JSON `meta` (epoch, Grain
 iterator position, early-stopping counters, config). Orbax writes to a temporary directory and
@@ -19,7 +19,13 @@ from cars_jax.distributed import host_local
 from cars_jax.steps import TrainState
 
 
-def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+def checkpoint_managers(workdir: str, best_metric: str = 'val_loss'
+                        ) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    """`latest` (the 2 newest, for resume) and `best` (the 1 best by `best_metric`: val_loss
+    is minimised, val_accuracy maximised; it must be the metric the loop saves on, else
+    Orbax would keep an older checkpoint over a newer, "improved" one)."""
+    if best_metric not in ('val_loss', 'val_accuracy'):
+        raise ValueError(f'best_metric must be val_loss or val_accuracy, got {best_metric!r}')
     root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     # Multi-process: both managers save the same step at the end of an epoch, and Orbax's
     # cross-process barriers are named by step; a prefix per manager keeps them apart.
@@ -28,7 +34,8 @@ def checkpoint_managers(workdir: str) -> tuple[ocp.CheckpointManager, ocp.Checkp
         max_to_keep=2, create=True, cleanup_tmp_directories=True,
         multiprocessing_options=mp('latest')))
     best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m['val_loss'], best_mode='min',
+        max_to_keep=1, best_fn=lambda m: m[best_metric],
+        best_mode='min' if best_metric == 'val_loss' else 'max',
         keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True,
         multiprocessing_options=mp('best')))
     return latest, best

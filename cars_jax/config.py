@@ -21,6 +21,7 @@ _CHOICES = {
     'dtype': ('auto', 'float32', 'bfloat16'),
     'augment_on': ('auto', 'host', 'device'),
     'optimizer': ('adamw', 'sgd'),
+    'early_stopping_metric': ('val_loss', 'val_accuracy'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
@@ -91,14 +92,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).
 _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir', 'image_size',
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
-               'max_steps_per_epoch')
+               'max_steps_per_epoch', 'early_stopping_metric')
+# Values of fields added after runs were made: a saved config without them used these.
+_ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss'}
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """Fields in which a resumed run's config differs from the one its checkpoint was made with."""
     now = json.loads(current.to_json())
     return [f'{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}'
-            for k in _STRUCTURAL if _norm(saved.get(k)) != _norm(now.get(k))]
+            for k in _STRUCTURAL
+            if _norm(saved.get(k, _ADDED_FIELD_DEFAULTS.get(k))) != _norm(now.get(k))]
 
 
 def _norm(v: Any) -> Any:

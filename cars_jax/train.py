@@ -6,8 +6,9 @@ Checkpoints (Orbax, atomic):
   workdir/checkpoints/latest  every epoch (+ every N steps, + on SIGINT/SIGTERM) for resume;
                               holds the state, the Grain iterator position, the epoch, the
                               early-stopping counters and the config.
-  workdir/checkpoints/best    kept by Orbax's `best_fn` on validation loss; written only on a
-                              min_delta improvement (the seed's early-stopping rule).
+  workdir/checkpoints/best    kept by Orbax's `best_fn` on `early_stopping_metric` (validation
+                              loss, the seed's, or accuracy); written only on a min_delta
+                              improvement (the seed's early-stopping rule).
 The RNG of step s is fold_in(PRNGKey(seed), s): seed and step are in the checkpoint, so a
 resumed run draws the same MixUp/dropout randomness as an uninterrupted one.
 """
@@ -78,11 +79,25 @@ class Progress:
     """Everything besides the TrainState that a resumed run needs (saved as JSON)."""
     epoch: int = 0                       # the epoch in progress (0-based)
     iterator: dict | None = None         # grain iterator state within that epoch
-    best_val_loss: float = float('inf')
+    best_val_loss: float = float('inf')       # of the best checkpoint
+    best_val_accuracy: float = float('-inf')  # of the best checkpoint
     best_epoch: int = -1
     bad_epochs: int = 0
     epoch_sums: dict = dataclasses.field(default_factory=dict)
     finished: bool = False
+
+
+def improves(metric: str, progress: Progress, val: dict, min_delta: float) -> bool:
+    """The seed's early-stopping rule on `metric`: better than the best checkpoint so far by
+    more than min_delta (val_loss: lower; val_accuracy: higher)."""
+    if metric == 'val_accuracy':
+        return val['accuracy'] - progress.best_val_accuracy > min_delta
+    if metric == 'val_loss':
+        return progress.best_val_loss - val['loss'] > min_delta
+    raise ValueError(f'early_stopping_metric must be val_loss or val_accuracy, got {metric!r}')
+
+
+_METRIC_WORDS = {'val_loss': 'val-loss', 'val_accuracy': 'val-accuracy'}
 
 
 class _StopSignal:
@@ -281,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             cache_dir=_cache_dir(config, workdir), name='train',
                             use_bbox=config.use_bbox, bbox_margin=config.bbox_margin, log=log)
     train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None)
-    latest_mgr, best_mgr = checkpoint_managers(workdir)
+    latest_mgr, best_mgr = checkpoint_managers(workdir, config.early_stopping_metric)
     progress = Progress()
     if latest_mgr.latest_step() is not None:
         state, meta = _restore_resumable(latest_mgr, state, workdir, log)
@@ -376,10 +391,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if val['count'] and not math.isfinite(val['loss']):  # diverged: never checkpoint it
                 raise TrainingError(_nonfinite_message(_step(state), epoch, None, data.train,
                                                        val, latest_mgr, best_mgr))
-            improved = progress.best_val_loss - val['loss'] > config.min_delta
+            improved = improves(config.early_stopping_metric, progress, val, config.min_delta)
             if improved:
-                progress.best_val_loss, progress.best_epoch, progress.bad_epochs = (
-                    val['loss'], epoch, 0)
+                progress.best_val_loss, progress.best_val_accuracy = val['loss'], val['accuracy']
+                progress.best_epoch, progress.bad_epochs = epoch, 0
             else:
                 progress.bad_epochs += 1
             n = max(sums['n'], 1)
@@ -417,7 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                                         'val_accuracy': val['accuracy']})
             save_checkpoint(latest_mgr, state, meta(), overwrite=True)
             if stop:
-                log(f'Early stopping at epoch {epoch + 1}: no val-loss improvement > '
+                log(f'Early stopping at epoch {epoch + 1}: no '
+                    f'{_METRIC_WORDS[config.early_stopping_metric]} improvement > '
                     f'{config.min_delta} for {config.patience} epochs.')
     latest_mgr.wait_until_finished()
     best_mgr.wait_until_finished()
@@ -451,7 +467,7 @@ def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eva
                                     'loss': last['val_loss']}
         log(f'(The seed reported its last in-memory weights instead: epoch {last["epoch"]} had '
             f'val top-1 {last["val_accuracy"]:.4f}, loss {last["val_loss"]:.4f}. We report the '
-            f'best-val-loss checkpoint.)')
+            f'best-{_METRIC_WORDS[config.early_stopping_metric]} checkpoint.)')
     if len(data.test):
         test = evaluate(eval_fn, best_state, data.test, config, mesh)
         report['test'] = test

@@ -81,7 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mixup_alpha = 0.4
     c.mixup_prob = 0.5             # share of batches that are mixed
 
-    # ---- early stopping (on validation loss) and checkpoints -------------------------------
+    # ---- early stopping and checkpoints -----------------------------------------------------
+    c.early_stopping_metric = 'val_loss'   # val_loss (the seed; min) | val_accuracy (max): picks
+                                           #   the best checkpoint and drives the patience count
     c.patience = 5
     c.min_delta = 1e-3
     c.checkpoint_every_steps = 0   # also save a resume checkpoint every N steps (0: per epoch only)

@@ -35,7 +35,7 @@ def test_demo_config_is_valid():
     ('learning_rate', -1e-3), ('batch_size', 0), ('num_epochs', -2), ('mixup_prob', 1.5),
     ('data_source', 'zip'), ('dtype', 'float16'), ('hue', 0.7), ('dropout', 1.0),
     ('rrc_scale', (1.0, 0.5)), ('blur_kernel', 4), ('stage_sizes', (2, 2)), ('widths', (8, 0, 8, 8)), ('val_split', 'x'),
-    ('learning_rate', float('nan')),
+    ('learning_rate', float('nan')), ('early_stopping_metric', 'val_top5'),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f'--config.{field}'):
@@ -55,3 +55,12 @@ def test_incompatible_fields_lists_structural_changes_only():
     now = _cfg(widths=(8, 8, 8, 8), learning_rate=0.5)
     diffs = incompatible_fields(saved_json, now)
     assert len(diffs) == 1 and diffs[0].startswith('widths')
+
+
+def test_a_run_saved_before_early_stopping_metric_existed_resumes_with_the_default():
+    import json
+    saved = json.loads(demo.get_config().to_json())
+    del saved['early_stopping_metric']
+    assert incompatible_fields(saved, _cfg()) == []
+    diffs = incompatible_fields(saved, _cfg(early_stopping_metric='val_accuracy'))
+    assert len(diffs) == 1 and diffs[0].startswith('early_stopping_metric')

@@ -96,6 +96,34 @@ def test_early_stopping_with_patience(data_dir, tmp_path):
     assert 'Early stopping at epoch 3' in open(tmp_path / 'log.txt').read()
 
 
+def test_improves_is_the_seeds_rule_on_either_metric():
+    from cars_jax.train import Progress, improves
+    p = Progress(best_val_loss=2.0, best_val_accuracy=0.30)
+    assert improves('val_loss', p, {'loss': 1.9, 'accuracy': 0.1}, 0.05)        # 0.1 > 0.05
+    assert not improves('val_loss', p, {'loss': 1.96, 'accuracy': 0.9}, 0.05)    # 0.04 <= 0.05
+    assert improves('val_accuracy', p, {'loss': 9.0, 'accuracy': 0.36}, 0.05)    # 0.06 > 0.05
+    assert not improves('val_accuracy', p, {'loss': 0.1, 'accuracy': 0.34}, 0.05)
+    assert improves('val_accuracy', Progress(), {'loss': 9.0, 'accuracy': 0.0}, 0.0)  # first epoch
+    with pytest.raises(ValueError, match='val_top5'):
+        improves('val_top5', p, {'loss': 1.0, 'accuracy': 1.0}, 0.0)
+
+
+def test_early_stopping_on_val_accuracy_keeps_the_most_accurate_epoch(data_dir, tmp_path):
+    c = run_config(data_dir, num_epochs=4, patience=10, min_delta=0.0,
+                   early_stopping_metric='val_accuracy', learning_rate=0.02)
+    report = train_and_evaluate(c, str(tmp_path), quiet=True)
+    rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    accs = [r['val_accuracy'] for r in rows]
+    best = int(np.argmax(accs))                       # first epoch with the highest accuracy
+    assert report['best_epoch'] == best + 1
+    assert report['val']['accuracy'] == pytest.approx(accs[best])
+    assert [r['improved'] for r in rows] == [a > max(accs[:i], default=-1)
+                                             for i, a in enumerate(accs)]
+    latest, best_mgr = checkpoint_managers(str(tmp_path), 'val_accuracy')
+    assert best_mgr.best_step() == rows[best]['step']
+    latest.close(), best_mgr.close()
+
+
 def test_resuming_with_an_incompatible_config_is_a_clear_error(data_dir, tmp_path):
     c = run_config(data_dir)
     train_and_evaluate(c, str(tmp_path), stop_after_steps=1, quiet=True)
