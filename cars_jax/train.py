@@ -302,6 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, meta = _restore_resumable(latest_mgr, state, workdir, log)
         progress = Progress(**meta['progress'])
         log(f'Resumed from {workdir} at step {_step(state)} (epoch {progress.epoch + 1}).')
+        if (progress.finished and progress.epoch < config.num_epochs
+                and progress.bad_epochs < config.patience):
+            # Stopped early under a smaller patience: the same trajectory goes on from there.
+            progress.finished = False
+            log(f'The run stopped early after epoch {progress.epoch} ({progress.bad_epochs} '
+                f'epochs without improvement); with --config.patience={config.patience} it '
+                f'continues to epoch {config.num_epochs}.')
     history_path = os.path.join(workdir, 'metrics.jsonl')
     history = _read_history(history_path, upto_epoch=progress.epoch, rewrite=primary)
 

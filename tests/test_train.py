@@ -96,6 +96,23 @@ def test_early_stopping_with_patience(data_dir, tmp_path):
     assert 'Early stopping at epoch 3' in open(tmp_path / 'log.txt').read()
 
 
+def test_an_early_stopped_run_continues_when_resumed_with_a_larger_patience(data_dir, tmp_path):
+    stopped, straight = tmp_path / 'stopped', tmp_path / 'straight'
+    c = run_config(data_dir, num_epochs=4, patience=1, min_delta=100.0)
+    assert train_and_evaluate(c, str(stopped), quiet=True)['epochs_run'] == 2
+    # the same patience: still finished, nothing more is trained
+    assert train_and_evaluate(c, str(stopped), quiet=True)['epochs_run'] == 2
+    longer = run_config(data_dir, num_epochs=4, patience=10, min_delta=100.0)
+    report = train_and_evaluate(longer, str(stopped), quiet=True)
+    assert report['epochs_run'] == 4
+    assert 'continues to epoch 4' in open(stopped / 'log.txt').read()
+    # the continued run is the run that never stopped
+    train_and_evaluate(longer, str(straight), quiet=True)
+    rows = [[json.loads(l)['val_loss'] for l in open(d / 'metrics.jsonl')]
+            for d in (stopped, straight)]
+    assert len(rows[0]) == 4 and rows[0] == rows[1]
+
+
 def test_improves_is_the_seeds_rule_on_either_metric():
     from cars_jax.train import Progress, improves
     p = Progress(best_val_loss=2.0, best_val_accuracy=0.30)
