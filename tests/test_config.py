@@ -31,6 +31,25 @@ def test_demo_config_is_valid():
     validate_config(demo.get_config())
 
 
+@pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30'])
+def test_every_shipped_config_is_valid(name):
+    c = __import__(name).get_config()
+    c.data_dir = c.data_dir or '/data/stanford_cars'   # base.py leaves it to the user
+    validate_config(c)
+
+
+def test_fast30_is_the_measured_30_epoch_run():
+    # README "Real images": the run that reached 11.2% was fast.py with exactly these flags.
+    import fast
+    import fast30
+    c, f = fast30.get_config(), fast.get_config()
+    assert (c.num_epochs, c.patience, c.early_stopping_metric) == (30, 30, 'val_accuracy')
+    assert (c.mixup_prob, c.mixup_alpha, c.erasing_prob, c.weight_decay) == (0.5, 0.4, 0.3, 0.05)
+    changed = {k for k in c if c[k] != f[k]}
+    assert changed == {'num_epochs', 'patience', 'early_stopping_metric', 'mixup_prob',
+                       'erasing_prob', 'weight_decay'}
+
+
 @pytest.mark.parametrize('field,value', [
     ('learning_rate', -1e-3), ('batch_size', 0), ('num_epochs', -2), ('mixup_prob', 1.5),
     ('data_source', 'zip'), ('dtype', 'float16'), ('hue', 0.7), ('dropout', 1.0),

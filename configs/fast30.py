@@ -1,0 +1,31 @@
+"""The best measured 30-epoch from-scratch recipe on the real low-resolution data (README,
+"Real images": 11.2% top-1 against the seed recipe's 7.2%; the 2x goal, 14.4%, is not met).
+
+configs/fast.py (light augmentation, no MixUp/dropout) memorises the training images in 30
+epochs: train accuracy 97% at epoch 22, validation flat near 10%. This puts back the seed's
+regularisers that pay off late, plus a real weight decay:
+  - MixUp on half the batches, alpha 0.4 (the seed's);
+  - random erasing with p 0.3 (the seed's);
+  - AdamW decoupled weight decay 0.05 (the seed's 1e-4 is negligible), not on BN/biases;
+  - best checkpoint and patience on validation accuracy: with label smoothing the validation
+    loss rises from epoch ~11 while accuracy still improves, so the seed's val-loss rule would
+    stop too early;
+  - patience 30: the full one-cycle schedule runs.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fast  # noqa: E402
+
+
+def get_config():
+    c = fast.get_config()
+    c.num_epochs = 30
+    c.mixup_prob = 0.5
+    c.mixup_alpha = 0.4
+    c.erasing_prob = 0.3
+    c.weight_decay = 0.05
+    c.early_stopping_metric = 'val_accuracy'
+    c.patience = 30
+    return c
