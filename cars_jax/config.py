@@ -97,12 +97,17 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
 _ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss'}
 
 
+def saved_value(saved: Any, key: str) -> Any:
+    """`key` of a config saved by some run (dict or ConfigDict), with the value runs used
+    before the field existed."""
+    return saved.get(key, _ADDED_FIELD_DEFAULTS.get(key))
+
+
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """Fields in which a resumed run's config differs from the one its checkpoint was made with."""
     now = json.loads(current.to_json())
     return [f'{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}'
-            for k in _STRUCTURAL
-            if _norm(saved.get(k, _ADDED_FIELD_DEFAULTS.get(k))) != _norm(now.get(k))]
+            for k in _STRUCTURAL if _norm(saved_value(saved, k)) != _norm(now.get(k))]
 
 
 def _norm(v: Any) -> Any:

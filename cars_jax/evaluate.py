@@ -99,7 +99,9 @@ def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_clas
                        ) -> tuple[TrainState, dict]:
     """(state, meta) of the best checkpoint of `workdir`."""
     from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint
-    latest_mgr, best_mgr = checkpoint_managers(workdir, _best_metric(config))
+    from cars_jax.config import saved_value
+    latest_mgr, best_mgr = checkpoint_managers(workdir,
+                                               saved_value(config, 'early_stopping_metric'))
     try:
         step = best_mgr.best_step()
         if step is None:
@@ -111,10 +113,6 @@ def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_clas
     finally:
         latest_mgr.close()
         best_mgr.close()
-
-
-def _best_metric(config: ml_collections.ConfigDict) -> str:
-    return config.get('early_stopping_metric', 'val_loss')   # runs made before the field: loss
 
 
 # ---- reports ---------------------------------------------------------------------------------
