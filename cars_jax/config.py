@@ -92,9 +92,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).
 _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir', 'image_size',
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
-               'max_steps_per_epoch', 'early_stopping_metric')
+               'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool')
 # Values of fields added after runs were made: a saved config without them used these.
-_ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss'}
+_ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True}
 
 
 def saved_value(saved: Any, key: str) -> Any:

@@ -186,7 +186,9 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, Any], model: ResNet) 
 
 def variables_to_torch_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
     """{'params', 'batch_stats'} -> the seed's state_dict as numpy arrays (strict-loadable in
-    torch after `{k: torch.from_numpy(v) ...}`); num_batches_tracked = 0 (int64)."""
+    torch after `{k: torch.from_numpy(v) ...}`); num_batches_tracked = 0 (int64). The seed's
+    model max-pools after the stem: weights trained with `stem_pool=False` load there but
+    compute another function."""
     out: dict[str, np.ndarray] = {}
     for collection in ('params', 'batch_stats'):
         for path, value in _flat(variables[collection]).items():
@@ -256,11 +258,12 @@ def model_from_torch_checkpoint(path_or_state_dict: str | Mapping[str, Any], con
                                 ) -> tuple[ResNet, dict, dict[str, Any]]:
     """(model, variables, architecture) for a seed checkpoint: the model is `build_model(config)`
     with stage_sizes / widths / num_classes taken from the checkpoint (dropout, dtype, conv_impl,
-    BN eps from the config)."""
+    BN eps from the config) and the seed's stem max-pool whatever `config.stem_pool` says: the
+    seed's VehicleResNet always pools, and its weights without the pool are another function."""
     from cars_jax.model import build_model
     state_dict = (load_torch_checkpoint(path_or_state_dict)
                   if isinstance(path_or_state_dict, str) else strip_prefix(path_or_state_dict))
     arch = infer_architecture(state_dict)
     model = build_model(config, arch['num_classes']).clone(
-        stage_sizes=arch['stage_sizes'], widths=arch['widths'])
+        stage_sizes=arch['stage_sizes'], widths=arch['widths'], stem_pool=True)
     return model, torch_state_dict_to_variables(state_dict, model), arch

@@ -40,6 +40,12 @@ d(logit)/d(activation), pass zeros of the activation's shape as
 without a 'perturbations' collection `perturb` is a no-op. 'stem' (after the stem's ReLU) and
 'pool' (after the max-pool) are sown too.
 
+Small inputs: `stem_pool=False` (not the seed) drops the stem's max-pool, so every stage works
+at twice the resolution (4x the FLOPs of the same widths): at 64 px the last stage sees 4x4
+maps instead of 2x2, the low-resolution stem of CIFAR/Tiny-ImageNet ResNets. It adds no
+parameter, so the weights still map onto the seed's `state_dict`, but the seed's PyTorch model
+would pool them: a different function. 'pool' is then the stem's output unchanged.
+
 CPU speed: XLA:CPU's convolution is ~70x slower than the equivalent matmul on 2x2 maps
 (../shared/reference/jax-stack-notes.md §8), which the last stages reach at 32-64 px input.
 `Conv(impl='auto')` uses the im2col + one matmul form there on CPU, and `lax.conv`
@@ -243,6 +249,7 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.5
     init_scheme: str = 'pytorch'  # not `init`: that would shadow nn.Module.init
     zero_init_last_bn: bool = False
+    stem_pool: bool = True        # the seed's 3x3/2 max-pool after the stem
     bn_momentum: float = 0.1      # PyTorch convention
     bn_eps: float = 1e-5
     conv_impl: str = 'auto'
@@ -267,7 +274,8 @@ class ResNet(nn.Module):
         x = conv(self.widths[0], 7, 2, 3, name='conv1')(x)
         x = nn.relu(norm(name='bn1')(x))
         self.sow('intermediates', 'stem', x)
-        x = max_pool_3x3_s2(x)
+        if self.stem_pool:
+            x = max_pool_3x3_s2(x)
         self.sow('intermediates', 'pool', x)
 
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
@@ -305,6 +313,7 @@ def build_model(config, num_classes: int) -> ResNet:
         dropout_rate=config.dropout,
         init_scheme=config.init,
         zero_init_last_bn=getattr(config, 'zero_init_last_bn', False),
+        stem_pool=getattr(config, 'stem_pool', True),   # runs saved before the field pooled
         bn_momentum=config.bn_momentum,
         bn_eps=config.bn_eps,
         conv_impl=config.conv_impl,

@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.dropout = 0.5
     c.init = 'pytorch'             # pytorch (the seed's defaults) | he_normal
     c.zero_init_last_bn = False    # zero the scale of each block's last BN (not the seed)
+    c.stem_pool = True             # 3x3/2 max-pool after the stem (seed); False: 2x resolution
+                                   #   in every stage, 4x FLOPs (small inputs: 4x4 last maps at 64 px)
     c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)
     c.bn_eps = 1e-5
     c.conv_impl = 'auto'           # auto: matmul form for 3x3 convs on <=4x4 maps on CPU | xla | matmul

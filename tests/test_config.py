@@ -79,3 +79,12 @@ def test_a_run_saved_before_early_stopping_metric_existed_resumes_with_the_defau
     assert incompatible_fields(saved, _cfg()) == []
     diffs = incompatible_fields(saved, _cfg(early_stopping_metric='val_accuracy'))
     assert len(diffs) == 1 and diffs[0].startswith('early_stopping_metric')
+
+
+def test_a_run_saved_before_stem_pool_existed_resumes_as_the_pooled_net():
+    import json
+    saved = json.loads(demo.get_config().to_json())
+    del saved['stem_pool']
+    assert incompatible_fields(saved, _cfg()) == []
+    diffs = incompatible_fields(saved, _cfg(stem_pool=False))
+    assert len(diffs) == 1 and diffs[0].startswith('stem_pool')

@@ -216,6 +216,13 @@ def test_load_torch_checkpoint_forms(torch, tmp_path):
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(flax_logits(model, variables, x), torch_logits(torch, net, x),
                                atol=1e-5, rtol=0)
+    # a config asking for the unpooled stem does not change what a seed checkpoint computes
+    unpooled_config = _config()
+    unpooled_config.stem_pool = False
+    model, variables, _ = interop.model_from_torch_checkpoint(str(tmp_path / 'bare.pt'),
+                                                              unpooled_config)
+    np.testing.assert_allclose(flax_logits(model, variables, x), torch_logits(torch, net, x),
+                               atol=1e-5, rtol=0)
     torch.save({'weights': [1, 2]}, tmp_path / 'junk.pt')
     with pytest.raises(InteropError, match='no state_dict'):
         interop.load_torch_checkpoint(str(tmp_path / 'junk.pt'))

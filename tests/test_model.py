@@ -73,6 +73,31 @@ def test_spatial_trace_at_224():
     assert logits.shape == (2, 196) and logits.dtype == jnp.float32
 
 
+
+def test_without_the_stem_pool_every_stage_keeps_twice_the_resolution():
+    pooled = M.ResNet(num_classes=5, **NARROW)
+    unpooled = pooled.clone(stem_pool=False)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+    variables = M.init_variables(pooled, jax.random.key(0), 64)
+    # no parameter belongs to the pool: one set of weights serves both nets
+    assert (jax.tree_util.tree_structure(variables) ==
+            jax.tree_util.tree_structure(M.init_variables(unpooled, jax.random.key(0), 64)))
+    shapes = {}
+    for name, net in (('pooled', pooled), ('unpooled', unpooled)):
+        _, state = net.apply(variables, x, mutable=['intermediates'])
+        shapes[name] = {k: v[0].shape[1:3] for k, v in state['intermediates'].items()}
+    assert shapes['pooled']['stage4'] == (2, 2) and shapes['unpooled']['stage4'] == (4, 4)
+    assert shapes['unpooled']['pool'] == shapes['unpooled']['stem'] == (32, 32)
+    # stage 1 of the unpooled net sees the stem's output itself: feed the pooled net's
+    # stage 1 the 2x2 max of it by hand (-inf padding: a 3x3/2 window) and compare
+    _, state = unpooled.apply(variables, x, mutable=['intermediates'])
+    stem = np.asarray(state['intermediates']['stem'][0])
+    padded = np.pad(stem, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    by_hand = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                                  for j in range(16)], 1) for i in range(16)], 1)
+    _, state = pooled.apply(variables, x, mutable=['intermediates'])
+    np.testing.assert_allclose(np.asarray(state['intermediates']['pool'][0]), by_hand, rtol=1e-6)
+
 def test_projection_shortcuts_exactly_where_shape_changes():
     net = M.ResNet(num_classes=196)
     params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))['params']
@@ -327,10 +352,11 @@ def test_build_model_from_config():
     assert M.build_model(base.get_config(), 196) == M.ResNet(num_classes=196)
     c = base.get_config()
     c.dtype, c.init, c.widths, c.dropout = 'bfloat16', 'he_normal', (8, 16, 32, 64), 0.2
-    c.zero_init_last_bn = True
+    c.zero_init_last_bn, c.stem_pool = True, False
     net = M.build_model(c, 7)
     assert (net.num_classes, net.dtype, net.init_scheme, net.widths, net.zero_init_last_bn,
-            net.dropout_rate) == (7, jnp.bfloat16, 'he_normal', (8, 16, 32, 64), True, 0.2)
+            net.dropout_rate, net.stem_pool) == (7, jnp.bfloat16, 'he_normal', (8, 16, 32, 64),
+                                                 True, 0.2, False)
     for field, bad in (('dtype', 'float16'), ('init', 'xavier'), ('conv_impl', 'cudnn')):
         bad_cfg = base.get_config()
         bad_cfg[field] = bad
