@@ -47,9 +47,10 @@ parameter, so the weights still map onto the seed's `state_dict`, but the seed's
 would pool them: a different function. 'pool' is then the stem's output unchanged.
 
 CPU speed: XLA:CPU's convolution is ~70x slower than the equivalent matmul on 2x2 maps
-(../shared/reference/jax-stack-notes.md §8), which the last stages reach at 32-64 px input.
-`Conv(impl='auto')` uses the im2col + one matmul form there on CPU, and `lax.conv`
-everywhere else; both forms share the same `kernel` parameter and agree to float rounding.
+(../shared/reference/jax-stack-notes.md §8), which the last stages reach at 32-64 px input,
+and measured slower than it on larger maps too. `Conv(impl='auto')` uses the im2col + one
+matmul form for every conv on CPU and `lax.conv` on GPU/TPU; both forms share the same
+`kernel` parameter and agree to float rounding.
 """
 from __future__ import annotations
 
@@ -81,7 +82,6 @@ def compute_dtype(name: str, backend: str) -> Any:
     if name not in DTYPES:
         raise ValueError(f'dtype must be auto or one of {tuple(DTYPES)}, got {name!r}')
     return DTYPES[name]
-AUTO_MATMUL_MAX_HW = 4   # 'auto' uses the matmul form on CPU for outputs of at most 4x4
 
 
 # ---- initialisers -------------------------------------------------------------------------
@@ -110,13 +110,21 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def resolve_conv_impl(impl: str, out_h: int, out_w: int) -> str:
-    """'xla' or 'matmul' for a conv with a static output size (trace-time decision)."""
+    """'xla' or 'matmul' for a conv with a static output size (trace-time decision).
+
+    'auto' is the matmul form for every conv on CPU, `lax.conv` on GPU/TPU. XLA:CPU's
+    convolution is slowest on tiny maps (~70x on 2x2, jax-stack-notes §8), but on the 2-core
+    AMD EPYC box of session 5 it lost on large maps too: whole seed train steps at 128 and 224
+    px ran about 2x faster in the matmul form (BENCHMARKS.md, `python -m cars_jax.bench step
+    --conv_impls=xla,auto`). `conv_impl='xla'` is the escape hatch; the output size stays in
+    the signature for shape-dependent rules.
+    """
+    del out_h, out_w
     if impl not in CONV_IMPLS:
         raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
     if impl != 'auto':
         return impl
-    small = out_h <= AUTO_MATMUL_MAX_HW and out_w <= AUTO_MATMUL_MAX_HW
-    return 'matmul' if small and jax.default_backend() == 'cpu' else 'xla'
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
 
 
 def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
