@@ -48,9 +48,9 @@ would pool them: a different function. 'pool' is then the stem's output unchange
 
 CPU speed: XLA:CPU's convolution is ~70x slower than the equivalent matmul on 2x2 maps
 (../shared/reference/jax-stack-notes.md §8), which the last stages reach at 32-64 px input,
-and measured slower than it on larger maps too. `Conv(impl='auto')` uses the im2col + one
-matmul form for every conv on CPU and `lax.conv` on GPU/TPU; both forms share the same
-`kernel` parameter and agree to float rounding.
+and measured slower than it in the train pass on larger maps too. `Conv(impl='auto')` on CPU
+uses the im2col + one matmul form on <=4x4 maps and, when training, on every map; GPU/TPU keep
+`lax.conv`. Both forms share the same `kernel` parameter and agree to float rounding.
 """
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def compute_dtype(name: str, backend: str) -> Any:
     return DTYPES[name]
 
 
+AUTO_MATMUL_MAX_HW = 4   # 'auto' on CPU: the matmul form for outputs of at most 4x4 (+ training)
+
+
 # ---- initialisers -------------------------------------------------------------------------
 
 # PyTorch's default for Conv2d / Linear weights: kaiming_uniform_(a=sqrt(5)),
@@ -109,22 +112,24 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def resolve_conv_impl(impl: str, out_h: int, out_w: int) -> str:
+def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False) -> str:
     """'xla' or 'matmul' for a conv with a static output size (trace-time decision).
 
-    'auto' is the matmul form for every conv on CPU, `lax.conv` on GPU/TPU. XLA:CPU's
-    convolution is slowest on tiny maps (~70x on 2x2, jax-stack-notes §8), but on the 2-core
-    AMD EPYC box of session 5 it lost on large maps too: whole seed train steps at 128 and 224
-    px ran about 2x faster in the matmul form (BENCHMARKS.md, `python -m cars_jax.bench step
-    --conv_impls=xla,auto`). `conv_impl='xla'` is the escape hatch; the output size stays in
-    the signature for shape-dependent rules.
+    'auto' on GPU/TPU is `lax.conv`. On CPU it is the matmul form on maps of at most
+    AUTO_MATMUL_MAX_HW (XLA:CPU's conv is ~70x slower there, jax-stack-notes §8) and, in the
+    train pass, on every map: on the 2-core AMD EPYC box of session 5 whole seed train steps
+    ran 1.4x (128 px) and 1.9x (224 px) faster so, while the forward-only eval step was as
+    fast (128 px) or slower (0.8x at 224 px) than with `lax.conv` on the large maps
+    (BENCHMARKS.md, `python -m cars_jax.bench step --conv_impls=xla,auto`).
     """
-    del out_h, out_w
     if impl not in CONV_IMPLS:
         raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
     if impl != 'auto':
         return impl
-    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+        return 'xla'
+    small = out_h <= AUTO_MATMUL_MAX_HW and out_w <= AUTO_MATMUL_MAX_HW
+    return 'matmul' if small or training else 'xla'
 
 
 def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -163,6 +168,7 @@ class Conv(nn.Module):
     kernel_init: Initializer = pytorch_kernel_init
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    training: bool = False        # only picks the CPU form under impl='auto'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,7 +178,8 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         oh = conv_output_size(x.shape[1], k, self.strides, self.padding)
         ow = conv_output_size(x.shape[2], k, self.strides, self.padding)
-        fn = conv_matmul if resolve_conv_impl(self.impl, oh, ow) == 'matmul' else conv_xla
+        fn = (conv_matmul if resolve_conv_impl(self.impl, oh, ow, self.training) == 'matmul'
+              else conv_xla)
         return fn(x, kernel, self.strides, self.padding)
 
 
@@ -272,7 +279,8 @@ class ResNet(nn.Module):
                              f'{tuple(self.widths)} differ in length')
         pytorch_init = self.init_scheme == 'pytorch'
         kernel_init = pytorch_kernel_init if pytorch_init else he_normal_fan_out
-        conv = functools.partial(Conv, impl=self.conv_impl, kernel_init=kernel_init,
+        conv = functools.partial(Conv, impl=self.conv_impl, training=train,
+                                 kernel_init=kernel_init,
                                  dtype=self.dtype)
         norm = functools.partial(BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=self.bn_eps,

@@ -267,16 +267,33 @@ def test_auto_conv_impl_choice():
     on_cpu = jax.default_backend() == 'cpu'
     assert M.resolve_conv_impl('auto', 4, 4) == ('matmul' if on_cpu else 'xla')
     assert M.resolve_conv_impl('auto', 2, 2) == ('matmul' if on_cpu else 'xla')
-    assert M.resolve_conv_impl('auto', 112, 112) == ('matmul' if on_cpu else 'xla')
+    assert M.resolve_conv_impl('auto', 5, 4) == 'xla'
+    # the train pass takes the matmul form on every CPU map, eval only on tiny ones
+    assert M.resolve_conv_impl('auto', 112, 112, training=True) == ('matmul' if on_cpu else 'xla')
+    assert M.resolve_conv_impl('auto', 112, 112, training=False) == 'xla'
+    assert M.resolve_conv_impl('xla', 112, 112, training=True) == 'xla'
     assert M.resolve_conv_impl('xla', 1, 1) == 'xla'
     assert M.resolve_conv_impl('matmul', 56, 56) == 'matmul'
     with pytest.raises(ValueError):
         M.resolve_conv_impl('cudnn', 1, 1)
 
 
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the auto rule differs off CPU')
+def test_auto_convs_on_cpu_train_pass_all_matmul_eval_pass_lax_conv_on_large_maps(narrow_vars):
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def conv_ops(train):
+        fn = lambda v, x: NET.apply(v, x, train=train, mutable=['batch_stats'],
+                                    rngs={'dropout': jax.random.key(0)})
+        return str(jax.make_jaxpr(fn)(narrow_vars, x)).count('conv_general_dilated')
+
+    assert conv_ops(train=True) == 0
+    assert conv_ops(train=False) > 0   # the 16x16 stem and 8x8 stage-1 maps
+
 def test_whole_net_same_logits_for_auto_and_xla_convs(narrow_vars):
     x = _images()
-    assert NET.conv_impl == 'auto'    # on CPU: the matmul form for every conv
+    assert NET.conv_impl == 'auto'    # on CPU: matmul in stages 3-4 (2x2, 1x1), xla elsewhere
     np.testing.assert_allclose(_apply(NET, narrow_vars, x),
                                _apply(NET.clone(conv_impl='xla'), narrow_vars, x),
                                rtol=1e-4, atol=1e-5)
