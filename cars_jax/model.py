@@ -48,9 +48,9 @@ would pool them: a different function. 'pool' is then the stem's output unchange
 
 CPU speed: XLA:CPU's convolution is ~70x slower than the equivalent matmul on 2x2 maps
 (../shared/reference/jax-stack-notes.md §8), which the last stages reach at 32-64 px input,
-and measured slower than it in the train pass on larger maps too. `Conv(impl='auto')` on CPU
-uses the im2col + one matmul form on <=4x4 maps and, when training, on every map; GPU/TPU keep
-`lax.conv`. Both forms share the same `kernel` parameter and agree to float rounding.
+and measured slower than it in the train pass on large maps (>=32x32) too. `Conv(impl='auto')`
+on CPU uses the im2col + one matmul form on <=4x4 maps and, when training, on >=32x32 maps;
+GPU/TPU keep `lax.conv`. Both forms share the same `kernel` parameter and agree to float rounding.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def compute_dtype(name: str, backend: str) -> Any:
     return DTYPES[name]
 
 
-AUTO_MATMUL_MAX_HW = 4   # 'auto' on CPU: the matmul form for outputs of at most 4x4 (+ training)
+AUTO_MATMUL_MAX_HW = 4          # 'auto' on CPU: the matmul form for outputs of at most 4x4,
+AUTO_MATMUL_TRAIN_MIN_HW = 32   #   and when training for outputs of at least 32x32
 
 
 # ---- initialisers -------------------------------------------------------------------------
@@ -117,10 +118,11 @@ def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False)
 
     'auto' on GPU/TPU is `lax.conv`. On CPU it is the matmul form on maps of at most
     AUTO_MATMUL_MAX_HW (XLA:CPU's conv is ~70x slower there, jax-stack-notes §8) and, in the
-    train pass, on every map: on the 2-core AMD EPYC box of session 5 whole seed train steps
-    ran 1.4x (128 px) and 1.9x (224 px) faster so, while the forward-only eval step was as
-    fast (128 px) or slower (0.8x at 224 px) than with `lax.conv` on the large maps
-    (BENCHMARKS.md, `python -m cars_jax.bench step --conv_impls=xla,auto`).
+    train pass, also on maps of at least AUTO_MATMUL_TRAIN_MIN_HW: on the 2-core AMD EPYC box
+    of session 5 the train step at 128 px ran ~2x faster with those (the stem's and stage 1's
+    maps) as matmuls, while 8-16 px maps gained nothing, the forward-only eval step gained
+    nothing or lost (0.78x at 224 px), and the matmul form costs compile time (~+30% for the
+    tests' tiny nets). BENCHMARKS.md has the numbers.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
@@ -129,7 +131,8 @@ def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False)
     if jax.default_backend() != 'cpu':
         return 'xla'
     small = out_h <= AUTO_MATMUL_MAX_HW and out_w <= AUTO_MATMUL_MAX_HW
-    return 'matmul' if small or training else 'xla'
+    large = out_h >= AUTO_MATMUL_TRAIN_MIN_HW and out_w >= AUTO_MATMUL_TRAIN_MIN_HW
+    return 'matmul' if small or (training and large) else 'xla'
 
 
 def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:

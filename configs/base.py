@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
                                    #   in every stage, 4x FLOPs (small inputs: 4x4 last maps at 64 px)
     c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)
     c.bn_eps = 1e-5
-    c.conv_impl = 'auto'           # auto: CPU im2col+matmul (train: all convs, eval: <=4x4 maps), GPU/TPU lax.conv | xla | matmul
+    c.conv_impl = 'auto'           # auto: CPU im2col+matmul on <=4x4 maps (+ >=32x32 when training), GPU/TPU lax.conv | xla | matmul
     c.dtype = 'auto'               # auto: bfloat16 compute on GPU/TPU, float32 on CPU | float32 | bfloat16
 
     # ---- optimisation ----------------------------------------------------------------------
