@@ -94,7 +94,8 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
                'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool')
 # Values of fields added after runs were made: a saved config without them used these.
-_ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True}
+_ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
+                         'zero_init_last_bn': False}
 
 
 def saved_value(saved: Any, key: str) -> Any:

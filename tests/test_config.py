@@ -46,7 +46,6 @@ def test_fast30_is_the_measured_30_epoch_run():
                        'erasing_prob', 'weight_decay'}
 
 
-
 def test_fast_wide_is_the_measured_10_epoch_run():
     # README "Real images": the 7.4% run was fast.py with widths (96, 192, 384, 768); keeping
     # the most accurate epoch instead of the lowest-loss one is the only other difference.
@@ -55,6 +54,7 @@ def test_fast_wide_is_the_measured_10_epoch_run():
     c, f = fast_wide.get_config(), fast.get_config()
     assert tuple(c.widths) == (96, 192, 384, 768) and c.num_epochs == 10
     assert {k for k in c if c[k] != f[k]} == {'widths', 'early_stopping_metric'}
+
 
 @pytest.mark.parametrize('field,value', [
     ('learning_rate', -1e-3), ('batch_size', 0), ('num_epochs', -2), ('mixup_prob', 1.5),

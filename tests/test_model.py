@@ -73,7 +73,6 @@ def test_spatial_trace_at_224():
     assert logits.shape == (2, 196) and logits.dtype == jnp.float32
 
 
-
 def test_without_the_stem_pool_every_stage_keeps_twice_the_resolution():
     pooled = M.ResNet(num_classes=5, **NARROW)
     unpooled = pooled.clone(stem_pool=False)
@@ -97,6 +96,7 @@ def test_without_the_stem_pool_every_stage_keeps_twice_the_resolution():
                                   for j in range(16)], 1) for i in range(16)], 1)
     _, state = pooled.apply(variables, x, mutable=['intermediates'])
     np.testing.assert_allclose(np.asarray(state['intermediates']['pool'][0]), by_hand, rtol=1e-6)
+
 
 def test_projection_shortcuts_exactly_where_shape_changes():
     net = M.ResNet(num_classes=196)
@@ -280,7 +280,6 @@ def test_auto_conv_impl_choice():
         M.resolve_conv_impl('cudnn', 1, 1)
 
 
-
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the auto rule differs off CPU')
 def test_auto_convs_on_cpu_train_pass_takes_matmuls_on_large_maps_too():
     # at 64 px: stem 32x32 | stage 1 16x16 (2 convs) | stage 2 8x8 (3) | stages 3-4 <= 4x4
@@ -294,6 +293,7 @@ def test_auto_convs_on_cpu_train_pass_takes_matmuls_on_large_maps_too():
 
     assert conv_ops(train=False) == 6   # stem + stages 1-2 as lax.conv
     assert conv_ops(train=True) == 5    # the 32x32 stem as a matmul
+
 
 def test_whole_net_same_logits_for_auto_and_xla_convs(narrow_vars):
     x = _images()
