@@ -75,6 +75,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('dropout', config.dropout, 'must be in [0, 1)')
     if not 0 <= config.label_smoothing < 1:
         _fail('label_smoothing', config.label_smoothing, 'must be in [0, 1)')
+    if not 0 <= config.get('ema_decay', 0.0) < 1:
+        _fail('ema_decay', config.ema_decay, 'must be in [0, 1) (0: no EMA; 0.999: ~1000 steps)')
     if not 0 < config.pct_start < 1:
         _fail('pct_start', config.pct_start, 'must be in (0, 1)')
     if config.val_split == 'holdout' and not 0 < config.val_fraction < 1:
@@ -92,10 +94,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).
 _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir', 'image_size',
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
-               'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool')
+               'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay')
 # Values of fields added after runs were made: a saved config without them used these.
 _ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
-                         'zero_init_last_bn': False}
+                         'zero_init_last_bn': False, 'ema_decay': 0.0}
 
 
 def saved_value(saved: Any, key: str) -> Any:

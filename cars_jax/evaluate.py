@@ -28,7 +28,7 @@ from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
 from cars_jax.data.sources import DataError, Record, decode_image
 from cars_jax.distributed import global_batch, host_local
 from cars_jax.model import build_model
-from cars_jax.steps import TrainState, create_train_state, predict_step
+from cars_jax.steps import TrainState, create_train_state, inference_variables, predict_step
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
@@ -59,10 +59,6 @@ def evaluate(eval_fn: Callable, state: TrainState, records: Sequence[Record],
     return {'loss': sums.get('loss_sum', float('nan')) / n,
             'accuracy': sums.get('correct_sum', 0.0) / n, 'top5': sums.get('top5_sum', 0.0) / n,
             'count': int(sums.get('count', 0))}
-
-
-def _variables(state: TrainState) -> dict:
-    return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
 def predict_records(state: TrainState, records: Sequence[Record], config: ml_collections.ConfigDict
@@ -147,7 +143,7 @@ def localisation_scores(state: TrainState, model, records: Sequence[Record], reg
     s = config.image_size
     hits, masses, areas = [], [], []
     for batch in _eval_batches(records, config):
-        out = jax.device_get(cam_fn(_variables(state), batch['image']))
+        out = jax.device_get(cam_fn(inference_variables(state), batch['image']))
         for i in np.flatnonzero(batch['mask'] > 0):
             rec = records[int(batch['index'][i])]
             if int(out['targets'][i]) != rec.label:
@@ -196,7 +192,8 @@ def gradcam_figure(state: TrainState, model, images: np.ndarray, labels: Sequenc
     """Grad-CAM grid of normalised eval images (N, S, S, 3); labels None = unknown truth;
     layer None = the last stage."""
     layer = layer or last_stage(config)
-    out = jax.device_get(gc.make_gradcam_fn(model, layer)(_variables(state), jnp.asarray(images)))
+    cam_fn = gc.make_gradcam_fn(model, layer)
+    out = jax.device_get(cam_fn(inference_variables(state), jnp.asarray(images)))
     preds = out['targets']
     conf = out['probs'][np.arange(len(preds)), preds]
     true_names = ([class_names[int(l)] for l in labels] if labels is not None
@@ -293,6 +290,7 @@ def _load(workdir: str, init_from: str | None = None,
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy with the ckpt's shape
     config.stage_sizes, config.widths = tuple(arch['stage_sizes']), tuple(arch['widths'])
     config.stem_pool = True   # the seed's network always pools after the stem
+    config.ema_decay = 0.0    # a state_dict is one set of weights: serve them as they are
     template = create_train_state(config, jax.random.PRNGKey(0), len(class_names), 1)
     state = template.replace(params=variables['params'], batch_stats=variables['batch_stats'])
     os.makedirs(workdir, exist_ok=True)
@@ -409,7 +407,7 @@ def run_export(workdir: str, export_dir: str, platforms: Sequence[str] | None = 
     from cars_jax.export import export_model
     config, class_names, state, _ = _load(workdir, init_from, config)
     model = build_model(config, len(class_names))
-    export_model(_variables(state), model, class_names, config, export_dir, config.image_size,
+    export_model(inference_variables(state), model, class_names, config, export_dir, config.image_size,
                  platforms=tuple(platforms) if platforms else None)
     log(f'Exported to {export_dir}/ (load: python -c "import sys; sys.path.insert(0, '
         f"'{export_dir}'); import serving; p = serving.load_exported('{export_dir}')\")")

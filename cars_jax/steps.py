@@ -31,10 +31,31 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """params, opt_state and step (from flax) + BatchNorm statistics; one pytree."""
+    """params, opt_state and step (from flax) + BatchNorm statistics; one pytree.
+
+    `ema` (None unless `ema_decay` > 0): an exponential moving average of params and BatchNorm
+    statistics, {'params', 'batch_stats'}, updated by every train step; evaluation, the best
+    checkpoint's choice and everything served from it use it (`inference_variables`)."""
     batch_stats: Any = None
+    ema: Any = None
     lr_schedule: Callable[[jax.Array], jax.Array] = flax.struct.field(pytree_node=False,
                                                                        default=None)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The decay used after optimiser step `step` (1-based): min(decay, (1 + step) / (10 + step)),
+    TensorFlow's ExponentialMovingAverage(num_updates) warm-up, so that the average forgets the
+    random init within the first few hundred steps instead of ~1/(1 - decay) of them."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def inference_variables(state: TrainState) -> dict:
+    """{'params', 'batch_stats'} to evaluate and serve: the EMA when the run keeps one."""
+    if state.ema is not None:
+        return state.ema
+    return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_classes: int,
@@ -43,8 +64,12 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_cl
     model = build_model(config, num_classes)
     variables = init_variables(model, rng, config.image_size)
     tx, schedule = make_optimizer(config, steps_per_epoch)
+    ema_decay = float(config.get('ema_decay', 0.0))
+    # the average starts at the init, in buffers of its own (the state is donated to the step)
+    ema = jax.tree.map(jnp.copy, variables) if ema_decay > 0 else None
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule)
+                             batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule,
+                             ema=ema, ema_decay=ema_decay)
 
 
 def _tree_all_finite(tree: Any) -> jax.Array:
@@ -75,6 +100,11 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
     (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state['batch_stats'])
+    if state.ema is not None:
+        decay = ema_decay_at(state.ema_decay, new_state.step)
+        live = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
+        new_state = new_state.replace(
+            ema=optax.incremental_update(live, state.ema, step_size=1.0 - decay))
     # finite gradients can still overflow in the update (a huge lr): check what would be kept
     finite = (jnp.isfinite(loss) & _tree_all_finite(grads)
               & _tree_all_finite((new_state.params, new_state.batch_stats)))
@@ -116,7 +146,7 @@ def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05,
     top-1 and top-5 hits. An optional `mask` marks padding. flip_tta: score the mean of the
     logits of each image and its mirror image (not the seed; cars are left-right symmetric
     enough that the two views are near-independent evidence)."""
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    variables = inference_variables(state)
     logits = state.apply_fn(variables, batch['image'], train=False)
     if flip_tta:
         mirrored = state.apply_fn(variables, batch['image'][:, :, ::-1], train=False)
@@ -132,9 +162,8 @@ def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05,
 
 
 def predict_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Class probabilities in inference mode (BN running stats, no dropout)."""
-    logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                            train=False)
+    """Class probabilities in inference mode (BN running stats, no dropout; the EMA if kept)."""
+    logits = state.apply_fn(inference_variables(state), images, train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 

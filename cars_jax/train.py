@@ -318,6 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f'augmentation on the {"device (decode-once cache)" if on_device else "host (per image)"}. '
         f'Train accuracy is measured on augmented images against the original labels, '
         f'including MixUp batches ({config.mixup_prob:.0%} of batches), as the seed did.')
+    if state.ema is not None:
+        log(f'EMA of the weights (decay {state.ema_decay}): validation, the best checkpoint and '
+            f'the reports use the averaged weights; train loss/accuracy are the live weights\'.')
 
     def meta() -> dict:
         return {'progress': dataclasses.asdict(progress), 'config': json.loads(config.to_json())}

@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.05
     c.mixup_alpha = 0.4
     c.mixup_prob = 0.5             # share of batches that are mixed
+    c.ema_decay = 0.0              # >0: evaluate, keep and serve an EMA of the weights (not the
+                                   #   seed; e.g. 0.999 = a horizon of ~1000 steps)
 
     # ---- early stopping and checkpoints -----------------------------------------------------
     c.early_stopping_metric = 'val_loss'   # val_loss (the seed; min) | val_accuracy (max): picks

@@ -98,3 +98,12 @@ def test_a_run_saved_before_stem_pool_existed_resumes_as_the_pooled_net():
     assert incompatible_fields(saved, _cfg()) == []
     diffs = incompatible_fields(saved, _cfg(stem_pool=False))
     assert len(diffs) == 1 and diffs[0].startswith('stem_pool')
+
+
+def test_a_run_saved_before_ema_decay_existed_resumes_without_an_ema():
+    import json
+    saved = json.loads(demo.get_config().to_json())
+    del saved['ema_decay']
+    assert incompatible_fields(saved, _cfg()) == []
+    diffs = incompatible_fields(saved, _cfg(ema_decay=0.999))
+    assert len(diffs) == 1 and diffs[0].startswith('ema_decay')

@@ -4,7 +4,7 @@ import pytest
 import numpy as np
 
 import demo
-from cars_jax.steps import create_train_state, eval_step, make_steps, train_step
+from cars_jax.steps import create_train_state, eval_step, make_steps, predict_step, train_step
 
 
 def tiny_config(**kw):
@@ -188,3 +188,54 @@ def test_flip_tta_scores_the_mean_logits_of_image_and_mirror():
     target = np.full(mean.shape, eps / 3) + (1 - eps) * np.eye(3)[batch['label']]
     np.testing.assert_allclose(float(got['loss_sum']), -(target * logp).sum(), rtol=1e-5)
     assert not np.allclose(plain, mirror)      # the mirror is a different view
+
+
+def test_ema_follows_the_numpy_recurrence_and_leaves_training_unchanged():
+    """The EMA is a by-product: the live trajectory equals a run without it, and the average
+    equals e_t = d_t e_{t-1} + (1 - d_t) w_t with d_t = min(decay, (1 + t) / (10 + t)),
+    computed here in numpy from the live weights of each step."""
+    decay, steps = 0.5, 5     # below the warm-up's (1+t)/(10+t) at first, above it later
+    plain = create_train_state(tiny_config(), jax.random.PRNGKey(0), 3, steps_per_epoch=10)
+    averaged = create_train_state(tiny_config(ema_decay=decay), jax.random.PRNGKey(0), 3,
+                                  steps_per_epoch=10)
+    assert plain.ema is None and averaged.ema is not None
+    step = jax.jit(train_step)
+    leaves = lambda s: [np.asarray(x, np.float64) for x in
+                        jax.tree.leaves({'params': s.params, 'batch_stats': s.batch_stats})]
+    expected = leaves(averaged)   # the average starts at the init
+    for t in range(1, steps + 1):
+        batch, rng = _batch(seed=t), jax.random.PRNGKey(t)
+        plain, _ = step(plain, batch, rng)
+        averaged, _ = step(averaged, batch, rng)
+        for a, b in zip(leaves(plain), leaves(averaged)):
+            np.testing.assert_array_equal(a, b)
+        d = min(decay, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, leaves(averaged))]
+    got = [np.asarray(x, np.float64) for x in jax.tree.leaves(averaged.ema)]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+    # and it is not the live weights (else the test above proves nothing)
+    assert any(not np.allclose(g, w) for g, w in zip(got, leaves(averaged)))
+
+
+def test_eval_and_predict_use_the_ema_when_kept():
+    state = create_train_state(tiny_config(ema_decay=0.9), jax.random.PRNGKey(0), 3,
+                               steps_per_epoch=10)
+    state, _ = jax.jit(train_step)(state, _batch(), jax.random.PRNGKey(1))
+    batch = _batch(seed=3)
+    ema_only = state.replace(params=state.ema['params'], batch_stats=state.ema['batch_stats'],
+                             ema=None)
+    live_only = state.replace(ema=None)
+    got = eval_step(state, batch)
+    np.testing.assert_allclose(float(got['loss_sum']), float(eval_step(ema_only, batch)['loss_sum']),
+                               rtol=1e-6)
+    assert not np.isclose(float(got['loss_sum']), float(eval_step(live_only, batch)['loss_sum']))
+    np.testing.assert_allclose(np.asarray(predict_step(state, batch['image'])),
+                               np.asarray(predict_step(ema_only, batch['image'])), rtol=1e-6)
+
+
+def test_ema_decay_is_validated():
+    from cars_jax.config import ConfigError, validate_config
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match='ema_decay'):
+            validate_config(tiny_config(ema_decay=bad))

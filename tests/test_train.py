@@ -86,6 +86,23 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at):
     assert [r['val_loss'] for r in rows_a] == [r['val_loss'] for r in rows_b]
 
 
+def test_a_run_with_an_ema_resumes_the_same_average(data_dir, tmp_path):
+    c = run_config(data_dir, ema_decay=0.9)
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    train_and_evaluate(c, str(straight), quiet=True)
+    train_and_evaluate(c, str(split), stop_after_steps=4, quiet=True)
+    train_and_evaluate(c, str(split), quiet=True)
+    a, _ = _params(straight, c)
+    b, _ = _params(split, c)
+    assert a.ema is not None and int(a.step) == int(b.step) == 6
+    for x, y in zip(jax.tree.leaves((a.params, a.ema)), jax.tree.leaves((b.params, b.ema))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert 'EMA of the weights (decay 0.9)' in open(straight / 'log.txt').read()
+    # switching the EMA off in a run made with it would change the checkpoint's structure
+    with pytest.raises(TrainingError, match='ema_decay'):
+        train_and_evaluate(run_config(data_dir, ema_decay=0.0), str(split), quiet=True)
+
+
 def test_early_stopping_with_patience(data_dir, tmp_path):
     # min_delta so large that no epoch after the first counts as an improvement
     c = run_config(data_dir, num_epochs=5, patience=2, min_delta=100.0)
