@@ -287,10 +287,7 @@ def _load(workdir: str, init_from: str | None = None,
         raise interop.InteropError(
             f'{init_from} has {arch["num_classes"]} outputs but {config.data_dir} has '
             f'{len(class_names)} classes; point --config.data_dir at the data it was trained on.')
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy with the ckpt's shape
-    config.stage_sizes, config.widths = tuple(arch['stage_sizes']), tuple(arch['widths'])
-    config.stem_pool = True   # the seed's network always pools after the stem
-    config.ema_decay = 0.0    # a state_dict is one set of weights: serve them as they are
+    config = interop.seed_checkpoint_config(config, arch)
     template = create_train_state(config, jax.random.PRNGKey(0), len(class_names), 1)
     state = template.replace(params=variables['params'], batch_stats=variables['batch_stats'])
     os.makedirs(workdir, exist_ok=True)

@@ -254,16 +254,26 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
     return {k: _numpy(v) for k, v in strip_prefix(obj).items()}
 
 
+def seed_checkpoint_config(config, arch: Mapping[str, Any]):
+    """An unlocked copy of `config` shaped as a seed checkpoint's network: stage_sizes / widths
+    from the checkpoint (dropout, dtype, conv_impl, BN eps stay the config's), the stem
+    max-pool whatever `config.stem_pool` says (the seed's VehicleResNet always pools; its
+    weights without the pool are another function) and no EMA (a state_dict is one set of
+    weights, served as it is)."""
+    import ml_collections
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.stage_sizes, out.widths = tuple(arch['stage_sizes']), tuple(arch['widths'])
+    out.stem_pool, out.ema_decay = True, 0.0
+    return out
+
+
 def model_from_torch_checkpoint(path_or_state_dict: str | Mapping[str, Any], config
                                 ) -> tuple[ResNet, dict, dict[str, Any]]:
-    """(model, variables, architecture) for a seed checkpoint: the model is `build_model(config)`
-    with stage_sizes / widths / num_classes taken from the checkpoint (dropout, dtype, conv_impl,
-    BN eps from the config) and the seed's stem max-pool whatever `config.stem_pool` says: the
-    seed's VehicleResNet always pools, and its weights without the pool are another function."""
+    """(model, variables, architecture) for a seed checkpoint: `build_model` of
+    `seed_checkpoint_config(config, ...)` with the checkpoint's num_classes."""
     from cars_jax.model import build_model
     state_dict = (load_torch_checkpoint(path_or_state_dict)
                   if isinstance(path_or_state_dict, str) else strip_prefix(path_or_state_dict))
     arch = infer_architecture(state_dict)
-    model = build_model(config, arch['num_classes']).clone(
-        stage_sizes=arch['stage_sizes'], widths=arch['widths'], stem_pool=True)
+    model = build_model(seed_checkpoint_config(config, arch), arch['num_classes'])
     return model, torch_state_dict_to_variables(state_dict, model), arch

@@ -365,3 +365,14 @@ def test_cli_uses_a_seed_checkpoint_directly(tmp_path, torch):
                           '--config.data_dir=data/none', f'--workdir={tmp_path / "w"}'],
                          cwd=root, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+
+
+def test_seed_checkpoint_config_has_the_seed_network_and_no_ema():
+    c = _config()
+    c.stem_pool, c.ema_decay, c.dropout = False, 0.999, 0.3
+    arch = {'stage_sizes': (1, 1), 'widths': (8, 16), 'num_classes': 5}
+    out = interop.seed_checkpoint_config(c, arch)
+    assert (tuple(out.stage_sizes), tuple(out.widths)) == ((1, 1), (8, 16))
+    assert out.stem_pool is True and out.ema_decay == 0.0 and out.dropout == 0.3
+    # the caller's config is left as it was
+    assert c.stem_pool is False and c.ema_decay == 0.999 and tuple(c.widths) == (64, 128, 256, 512)
