@@ -75,7 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('dropout', config.dropout, 'must be in [0, 1)')
     if not 0 <= config.label_smoothing < 1:
         _fail('label_smoothing', config.label_smoothing, 'must be in [0, 1)')
-    if not 0 <= config.get('ema_decay', 0.0) < 1:
+    if not 0 <= saved_value(config, 'ema_decay') < 1:
         _fail('ema_decay', config.ema_decay, 'must be in [0, 1) (0: no EMA; 0.999: ~1000 steps)')
     if not 0 < config.pct_start < 1:
         _fail('pct_start', config.pct_start, 'must be in (0, 1)')

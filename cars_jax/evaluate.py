@@ -404,8 +404,8 @@ def run_export(workdir: str, export_dir: str, platforms: Sequence[str] | None = 
     from cars_jax.export import export_model
     config, class_names, state, _ = _load(workdir, init_from, config)
     model = build_model(config, len(class_names))
-    export_model(inference_variables(state), model, class_names, config, export_dir, config.image_size,
-                 platforms=tuple(platforms) if platforms else None)
+    export_model(inference_variables(state), model, class_names, config, export_dir,
+                 config.image_size, platforms=tuple(platforms) if platforms else None)
     log(f'Exported to {export_dir}/ (load: python -c "import sys; sys.path.insert(0, '
         f"'{export_dir}'); import serving; p = serving.load_exported('{export_dir}')\")")
     return export_dir

@@ -21,6 +21,7 @@ from flax.training import train_state
 
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.device_augment import augment_batch, sample_device_params
+from cars_jax.config import saved_value
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
 from cars_jax.mixup import mixup
 from cars_jax.model import build_model, init_variables
@@ -64,7 +65,7 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_cl
     model = build_model(config, num_classes)
     variables = init_variables(model, rng, config.image_size)
     tx, schedule = make_optimizer(config, steps_per_epoch)
-    ema_decay = float(config.get('ema_decay', 0.0))
+    ema_decay = float(saved_value(config, 'ema_decay'))
     # the average starts at the init, in buffers of its own (the state is donated to the step)
     ema = jax.tree.map(jnp.copy, variables) if ema_decay > 0 else None
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
