@@ -82,6 +82,18 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int 
     """Restores (state, meta) of `step` (default latest) into the structure of `state`."""
     step = mgr.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    meta=ocp.args.JsonRestore()))
+    restore = lambda item: mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(item), meta=ocp.args.JsonRestore()))
+    try:
+        out = restore(abstract)
+    except ValueError as e:
+        # Checkpoints written before TrainState had an `ema` field lack its (empty) entry, and
+        # Orbax refuses the tree mismatch; a run without an EMA restores the other fields.
+        if state.ema is not None or 'ema' not in str(e):
+            raise
+        out = restore({name: getattr(abstract, name) for name in _PRE_EMA_FIELDS})
+        out = {'state': state.replace(**out['state']), 'meta': out['meta']}
     return out['state'], out['meta']
+
+
+_PRE_EMA_FIELDS = ('step', 'params', 'batch_stats', 'opt_state')

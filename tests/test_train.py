@@ -103,6 +103,32 @@ def test_a_run_with_an_ema_resumes_the_same_average(data_dir, tmp_path):
         train_and_evaluate(run_config(data_dir, ema_decay=0.0), str(split), quiet=True)
 
 
+def test_checkpoints_from_before_the_ema_field_still_restore(tmp_path):
+    """Runs saved before TrainState had `ema` have no entry for it on disk; eval and resume of
+    such a run (no EMA) must restore its weights, not fail on Orbax's tree-structure check."""
+    import orbax.checkpoint as ocp
+    c = tiny_config()
+    saved = create_train_state(c, jax.random.PRNGKey(1), 3, 4)
+    old_tree = {'step': saved.step, 'params': saved.params, 'batch_stats': saved.batch_stats,
+                'opt_state': saved.opt_state}
+    latest, _ = checkpoint_managers(str(tmp_path))
+    latest.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old_tree),
+                                           meta=ocp.args.JsonSave({'epoch': 2})))
+    latest.wait_until_finished()
+    template = create_train_state(c, jax.random.PRNGKey(2), 3, 4)
+    restored, meta = restore_checkpoint(checkpoint_managers(str(tmp_path))[0], template)
+    assert meta == {'epoch': 2} and restored.ema is None
+    for name, tree in old_tree.items():
+        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(getattr(restored, name))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))   # not the template's init
+               for x, y in zip(jax.tree.leaves(template.params), jax.tree.leaves(restored.params)))
+    # a config that adds an EMA cannot restore such a checkpoint silently
+    with_ema = create_train_state(tiny_config(ema_decay=0.9), jax.random.PRNGKey(2), 3, 4)
+    with pytest.raises(ValueError):
+        restore_checkpoint(checkpoint_managers(str(tmp_path))[0], with_ema)
+
+
 def test_early_stopping_with_patience(data_dir, tmp_path):
     # min_delta so large that no epoch after the first counts as an improvement
     c = run_config(data_dir, num_epochs=5, patience=2, min_delta=100.0)
