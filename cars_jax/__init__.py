@@ -21,6 +21,6 @@ __version__ = '0.1.0'
 __all__ = [
     'ResNet', 'TrainState', 'build_model', 'count_params', 'create_train_state', 'eval_step',
     'inference_variables', 'init_variables', 'make_optimizer', 'make_steps',
-    'mixed_cross_entropy', 'mixup', 'onecycle_schedule', 'predict_step', 'smoothed_cross_entropy', 'topk_correct', 'train_step',
-    'train_step_cached',
+    'mixed_cross_entropy', 'mixup', 'onecycle_schedule', 'predict_step', 'smoothed_cross_entropy',
+    'topk_correct', 'train_step', 'train_step_cached',
 ]
