@@ -3,14 +3,14 @@
 Research API (each a pure function or a Flax module; compose your own loop with them):
     create_train_state, train_step, eval_step, predict_step, TrainState,
     inference_variables (the weights to evaluate and serve: the EMA when a run keeps one)
-    ResNet, build_model, mixup, smoothed_cross_entropy, mixed_cross_entropy,
+    ResNet, build_model, mixup, cutmix, mix_batch, smoothed_cross_entropy, mixed_cross_entropy,
     onecycle_schedule, make_optimizer
     train_step_cached + data.device_augment (the augmentation inside jit), fused.train_chunk
     (epochs as lax.scan on resident data), distributed (multi-host batches)
 The side-effecting loop is cars_jax.train.train_and_evaluate (used by main.py).
 """
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
-from cars_jax.mixup import mixup
+from cars_jax.mixup import cutmix, mix_batch, mixup
 from cars_jax.model import ResNet, build_model, count_params, init_variables
 from cars_jax.optim import make_optimizer
 from cars_jax.schedules import onecycle_schedule
@@ -19,8 +19,8 @@ from cars_jax.steps import (TrainState, create_train_state, eval_step, inference
 
 __version__ = '0.1.0'
 __all__ = [
-    'ResNet', 'TrainState', 'build_model', 'count_params', 'create_train_state', 'eval_step',
-    'inference_variables', 'init_variables', 'make_optimizer', 'make_steps',
-    'mixed_cross_entropy', 'mixup', 'onecycle_schedule', 'predict_step', 'smoothed_cross_entropy',
-    'topk_correct', 'train_step', 'train_step_cached',
+    'ResNet', 'TrainState', 'build_model', 'count_params', 'create_train_state', 'cutmix',
+    'eval_step', 'inference_variables', 'init_variables', 'make_optimizer', 'make_steps',
+    'mix_batch', 'mixed_cross_entropy', 'mixup', 'onecycle_schedule', 'predict_step',
+    'smoothed_cross_entropy', 'topk_correct', 'train_step', 'train_step_cached',
 ]

@@ -77,6 +77,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('label_smoothing', config.label_smoothing, 'must be in [0, 1)')
     if not 0 <= saved_value(config, 'ema_decay') < 1:
         _fail('ema_decay', config.ema_decay, 'must be in [0, 1) (0: no EMA; 0.999: ~1000 steps)')
+    cutmix_alpha = saved_value(config, 'cutmix_alpha')
+    cutmix_share = saved_value(config, 'cutmix_share')
+    if not isinstance(cutmix_alpha, (int, float)) or not 0 <= cutmix_alpha < math.inf:
+        _fail('cutmix_alpha', cutmix_alpha, 'must be a finite number >= 0 (0: no CutMix)')
+    if not isinstance(cutmix_share, (int, float)) or not 0 <= cutmix_share <= 1:
+        _fail('cutmix_share', cutmix_share, 'must be a number in [0, 1]')
     if not 0 < config.pct_start < 1:
         _fail('pct_start', config.pct_start, 'must be in (0, 1)')
     if config.val_split == 'holdout' and not 0 < config.val_fraction < 1:
@@ -97,7 +103,8 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay')
 # Values of fields added after runs were made: a saved config without them used these.
 _ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
-                         'zero_init_last_bn': False, 'ema_decay': 0.0}
+                         'zero_init_last_bn': False, 'ema_decay': 0.0, 'cutmix_alpha': 0.0,
+                         'cutmix_share': 0.5}
 
 
 def saved_value(saved: Any, key: str) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.device_augment import augment_batch, sample_device_params
-from cars_jax.steps import Metrics, TrainState, eval_step, train_step
+from cars_jax.steps import Metrics, TrainState, eval_step, mix_hyperparameters, train_step
 
 
 class DeviceDataset(NamedTuple):
@@ -93,8 +93,8 @@ def chunk_step_key(key: jax.Array, i: jax.Array | int) -> jax.Array:
 
 
 def augment_and_step(state: TrainState, data: DeviceDataset, idx_row: jax.Array,
-                     key_i: jax.Array, *, aug: AugmentConfig, label_smoothing: float,
-                     mixup_alpha: float, mixup_prob: float) -> tuple[TrainState, Metrics]:
+                     key_i: jax.Array, *, aug: AugmentConfig,
+                     **step_kwargs: float) -> tuple[TrainState, Metrics]:
     """One fused step: gather the batch idx_row (B,) from the resident arrays, draw + apply the
     device augmentation, then the recipe's `steps.train_step`. The scan body of `train_chunk`,
     public so a plain loop can check the scan against it."""
@@ -103,20 +103,17 @@ def augment_and_step(state: TrainState, data: DeviceDataset, idx_row: jax.Array,
     params = sample_device_params(aug_key, jnp.take(data.orig_hw, idx_row, axis=0), aug)
     batch = {'image': augment_batch(images, params, aug),
              'label': jnp.take(data.labels, idx_row, axis=0)}
-    return train_step(state, batch, step_rng, label_smoothing=label_smoothing,
-                      mixup_alpha=mixup_alpha, mixup_prob=mixup_prob)
+    return train_step(state, batch, step_rng, **step_kwargs)
 
 
 def train_chunk(state: TrainState, data: DeviceDataset, indices: jax.Array, key: jax.Array, *,
-                aug: AugmentConfig, label_smoothing: float, mixup_alpha: float,
-                mixup_prob: float) -> tuple[TrainState, Metrics]:
+                aug: AugmentConfig, **step_kwargs: float) -> tuple[TrainState, Metrics]:
     """K = len(indices) train steps in one `lax.scan` (one dispatch, no host round trip).
 
     Returns the state after the K steps and each step's metrics stacked on a leading K axis
     (`finite` among them: a non-finite step left the state unchanged, as in the loop; the
     caller checks it once per chunk)."""
-    step = functools.partial(augment_and_step, aug=aug, label_smoothing=label_smoothing,
-                             mixup_alpha=mixup_alpha, mixup_prob=mixup_prob)
+    step = functools.partial(augment_and_step, aug=aug, **step_kwargs)
 
     def body(carry: TrainState, xs: tuple[jax.Array, jax.Array]):
         idx_row, i = xs
@@ -169,8 +166,7 @@ def make_fused_steps(config: ml_collections.ConfigDict, aug: AugmentConfig,
     The state is donated to the chunk (parameters updated in place); the resident dataset is
     not. One compile per distinct chunk length K: run full chunks plus at most one shorter tail
     (or choose K dividing the epoch's steps). Single device (no mesh)."""
-    hyper = dict(label_smoothing=float(config.label_smoothing),
-                 mixup_alpha=float(config.mixup_alpha), mixup_prob=float(config.mixup_prob))
+    hyper = mix_hyperparameters(config)
     batch_size, weighted = int(config.batch_size), bool(config.weighted_sampling)
     chunk = jax.jit(functools.partial(train_chunk, aug=aug, **hyper), donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(evaluate_resident, batch_size=batch_size,

@@ -23,7 +23,7 @@ from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.device_augment import augment_batch, sample_device_params
 from cars_jax.config import saved_value
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
-from cars_jax.mixup import mixup
+from cars_jax.mixup import mix_batch
 from cars_jax.model import build_model, init_variables
 from cars_jax.optim import make_optimizer
 
@@ -79,8 +79,9 @@ def _tree_all_finite(tree: Any) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothing: float = 0.05,
-               mixup_alpha: float = 0.4, mixup_prob: float = 0.5) -> tuple[TrainState, Metrics]:
-    """One optimiser step. Defaults are the seed's values.
+               mixup_alpha: float = 0.4, mixup_prob: float = 0.5, cutmix_alpha: float = 0.0,
+               cutmix_share: float = 0.5) -> tuple[TrainState, Metrics]:
+    """One optimiser step. Defaults are the seed's values (cutmix_alpha 0: MixUp only).
 
     A non-finite loss or gradient leaves the state unchanged and reports `finite=0`, so a
     NaN can never reach parameters or checkpoints; the caller decides to stop.
@@ -88,8 +89,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
     (`mixed` says which), as the seed did.
     """
     mix_rng, dropout_rng = jax.random.split(rng)
-    images, labels_a, labels_b, lam = mixup(mix_rng, batch['image'], batch['label'],
-                                            mixup_alpha, mixup_prob)
+    images, labels_a, labels_b, lam = mix_batch(mix_rng, batch['image'], batch['label'],
+                                                mixup_alpha, mixup_prob, cutmix_alpha,
+                                                cutmix_share)
 
     def loss_fn(params):
         logits, new_model_state = state.apply_fn(
@@ -175,6 +177,15 @@ def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), ('data',))
 
 
+def mix_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The train step's loss and batch-mixing keywords from a config (older saved configs
+    have no CutMix fields: they ran without it)."""
+    return dict(label_smoothing=float(config.label_smoothing),
+                mixup_alpha=float(config.mixup_alpha), mixup_prob=float(config.mixup_prob),
+                cutmix_alpha=float(saved_value(config, 'cutmix_alpha')),
+                cutmix_share=float(saved_value(config, 'cutmix_share')))
+
+
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
                device_aug: AugmentConfig | None = None) -> tuple[Callable, Callable]:
     """train_step / eval_step with the config's hyperparameters bound, each jitted once.
@@ -186,8 +197,7 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     With `device_aug` the train step takes decode-once cache batches and augments them itself
     (`train_step_cached`).
     """
-    kw = dict(label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha,
-              mixup_prob=config.mixup_prob)
+    kw = mix_hyperparameters(config)
     if device_aug is None:
         train_fn = lambda s, b, r: train_step(s, b, r, **kw)
     else:

@@ -41,7 +41,7 @@ from cars_jax.plots import plot_curves
 from cars_jax.data.cache import build_cache, cache_size_for
 from cars_jax.distributed import global_batch, host_local, replicate
 from cars_jax.steps import (TrainState, augment_on_device, create_train_state, data_parallel_mesh,
-                            make_steps)
+                            make_steps, mix_hyperparameters)
 
 
 class TrainingError(RuntimeError):
@@ -248,6 +248,17 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names:
                                     'use a new --workdir.')
 
 
+def _mixing_name(config: ml_collections.ConfigDict) -> str:
+    """'MixUp', 'CutMix' or 'MixUp/CutMix (25% CutMix)': what mixes the batches, for the log."""
+    hyper = mix_hyperparameters(config)
+    cut = hyper['cutmix_alpha'] > 0 and hyper['cutmix_share'] > 0
+    if not cut:
+        return 'MixUp'
+    if hyper['mixup_alpha'] <= 0 or hyper['cutmix_share'] >= 1:
+        return 'CutMix'
+    return f'MixUp/CutMix ({hyper["cutmix_share"]:.0%} CutMix)'
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        data: DataBundle | None = None, stop_after_steps: int | None = None,
                        quiet: bool = False) -> dict[str, Any]:
@@ -317,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}, '
         f'augmentation on the {"device (decode-once cache)" if on_device else "host (per image)"}. '
         f'Train accuracy is measured on augmented images against the original labels, '
-        f'including MixUp batches ({config.mixup_prob:.0%} of batches), as the seed did.')
+        f'including {_mixing_name(config)} batches ({config.mixup_prob:.0%} of batches), '
+        f'as the seed did.')
     if state.ema is not None:
         log(f'EMA of the weights (decay {state.ema_decay}): validation, the best checkpoint and '
             f'the reports use the averaged weights; train loss/accuracy are the live weights\'.')

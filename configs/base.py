@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.05
     c.mixup_alpha = 0.4
     c.mixup_prob = 0.5             # share of batches that are mixed
+    c.cutmix_alpha = 0.0           # >0: CutMix (not the seed) with lam ~ Beta(a, a); 1.0 is usual
+    c.cutmix_share = 0.5           # with both alphas > 0: share of mixed batches that use CutMix
     c.ema_decay = 0.0              # >0: evaluate, keep and serve an EMA of the weights (not the
                                    #   seed; e.g. 0.999 = a horizon of ~1000 steps)
 

@@ -4,7 +4,7 @@ import numpy as np
 
 
 def test_readme_research_loop_runs():
-    from cars_jax import create_train_state, eval_step, mixup, train_step  # noqa: F401
+    from cars_jax import create_train_state, cutmix, eval_step, mix_batch, mixup, train_step  # noqa: F401
     import base
     config = base.get_config()
     config.image_size, config.widths, config.stage_sizes = 32, (8, 8, 16, 16), (1, 1, 1, 1)

@@ -61,6 +61,7 @@ def test_fast_wide_is_the_measured_10_epoch_run():
     ('data_source', 'zip'), ('dtype', 'float16'), ('hue', 0.7), ('dropout', 1.0),
     ('rrc_scale', (1.0, 0.5)), ('blur_kernel', 4), ('stage_sizes', (2, 2)), ('widths', (8, 0, 8, 8)), ('val_split', 'x'),
     ('learning_rate', float('nan')), ('early_stopping_metric', 'val_top5'),
+    ('cutmix_alpha', -1.0), ('cutmix_alpha', float('inf')), ('cutmix_share', 1.5),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f'--config.{field}'):

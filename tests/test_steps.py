@@ -1,10 +1,12 @@
 """The pure train / eval steps: compile once, learn, never let a NaN in, honest metrics."""
 import jax
+import ml_collections
 import pytest
 import numpy as np
 
 import demo
-from cars_jax.steps import create_train_state, eval_step, make_steps, predict_step, train_step
+from cars_jax.steps import (create_train_state, eval_step, make_steps, mix_hyperparameters,
+                            predict_step, train_step)
 
 
 def tiny_config(**kw):
@@ -106,6 +108,19 @@ def test_make_steps_binds_config_and_donates_state():
     state, m = train(state, _batch(), jax.random.PRNGKey(2))
     assert float(m['mixed']) == 1.0  # mixup_prob=1 from the config reached the step
     assert float(evaluate(state, _batch())['count']) == 8
+
+
+def test_make_steps_passes_cutmix_and_old_configs_run_without_it():
+    c = tiny_config(mixup_prob=1.0, mixup_alpha=0.0, cutmix_alpha=1.0)
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    assert mix_hyperparameters(c)['cutmix_alpha'] == 1.0
+    train, _ = make_steps(c)
+    _, m = train(state, _batch(), jax.random.PRNGKey(2))
+    assert float(m['mixed']) == 1.0 and float(m['finite']) == 1.0   # only CutMix is on
+    old = ml_collections.ConfigDict({k: v for k, v in tiny_config().items()
+                                     if k not in ('cutmix_alpha', 'cutmix_share')})
+    hyper = mix_hyperparameters(old)
+    assert (hyper['cutmix_alpha'], hyper['cutmix_share']) == (0.0, 0.5)
 
 
 def test_eval_step_compiles_once():
