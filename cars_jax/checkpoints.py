@@ -7,6 +7,7 @@ never a torn one; `cleanup_tmp_directories` removes leftovers of a killed save o
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -30,14 +31,22 @@ def checkpoint_managers(workdir: str, best_metric: str = 'val_loss'
     # Multi-process: both managers save the same step at the end of an epoch, and Orbax's
     # cross-process barriers are named by step; a prefix per manager keeps them apart.
     mp = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-    latest = ocp.CheckpointManager(os.path.join(root, 'latest'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True, cleanup_tmp_directories=True,
-        multiprocessing_options=mp('latest')))
-    best = ocp.CheckpointManager(os.path.join(root, 'best'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m[best_metric],
-        best_mode='min' if best_metric == 'val_loss' else 'max',
-        keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True,
-        multiprocessing_options=mp('best')))
+    # Handlers named up front so `item_metadata` can read a checkpoint's tree in a fresh process
+    # (restore_checkpoint matches fields against it).
+    handlers = lambda: {'state': ocp.StandardCheckpointHandler(),
+                        'meta': ocp.JsonCheckpointHandler()}
+    latest = ocp.CheckpointManager(
+        os.path.join(root, 'latest'), item_handlers=handlers(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=mp('latest')))
+    best = ocp.CheckpointManager(
+        os.path.join(root, 'best'), item_handlers=handlers(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m[best_metric],
+            best_mode='min' if best_metric == 'val_loss' else 'max',
+            keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=mp('best')))
     return latest, best
 
 
@@ -79,21 +88,42 @@ def _delete_atomically(mgr: ocp.CheckpointManager, step: int) -> None:
 
 def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = None
                        ) -> tuple[TrainState, dict]:
-    """Restores (state, meta) of `step` (default latest) into the structure of `state`."""
+    """Restores (state, meta) of `step` (default latest) into the structure of `state`.
+
+    The fields are matched against the tree on disk first: a checkpoint written before a
+    TrainState field existed (`ema`, added in session 6) has no entry for it, and restores
+    into a state that leaves that field None; a field the state needs but the checkpoint lacks
+    (or the reverse) is a ValueError naming it, not Orbax's tree-structure mismatch."""
     step = mgr.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restore = lambda item: mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(item), meta=ocp.args.JsonRestore()))
+    on_disk = _state_tree_on_disk(mgr, step)
+    fields = [f.name for f in dataclasses.fields(state) if f.metadata.get('pytree_node', True)]
+    where = os.path.join(os.fspath(mgr.directory), str(step))
+    for name in fields if on_disk is not None else ():
+        ours_none, theirs_none = getattr(state, name) is None, on_disk.get(name) is None
+        if theirs_none and not ours_none:   # absent (older layout) or saved as None
+            raise ValueError(f'the checkpoint {where} has no {name!r} (written by a run without '
+                             f'it, or before the field existed), but this config needs one; '
+                             f'use the settings it was made with (for ema: --config.ema_decay=0) '
+                             f'or a new --workdir.')
+        if ours_none and not theirs_none:
+            raise ValueError(f'the checkpoint {where} has {name!r} but this config keeps none; '
+                             f'use the settings it was made with (for ema: its ema_decay).')
+    present = fields if on_disk is None else [n for n in fields if n in on_disk]
+    item = abstract if present == fields else {n: getattr(abstract, n) for n in present}
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item),
+                                                   meta=ocp.args.JsonRestore()))
+    restored = out['state']
+    if not isinstance(restored, TrainState):    # fields missing on disk: keep the state's None
+        restored = state.replace(**restored)
+    return restored, out['meta']
+
+
+def _state_tree_on_disk(mgr: ocp.CheckpointManager, step: int) -> dict | None:
+    """The top level of the saved TrainState tree ({field: metadata or None}), or None where
+    Orbax cannot say (then the restore itself checks the structure)."""
     try:
-        out = restore(abstract)
-    except ValueError as e:
-        # Checkpoints written before TrainState had an `ema` field lack its (empty) entry, and
-        # Orbax refuses the tree mismatch; a run without an EMA restores the other fields.
-        if state.ema is not None or 'ema' not in str(e):
-            raise
-        out = restore({name: getattr(abstract, name) for name in _PRE_EMA_FIELDS})
-        out = {'state': state.replace(**out['state']), 'meta': out['meta']}
-    return out['state'], out['meta']
-
-
-_PRE_EMA_FIELDS = ('step', 'params', 'batch_stats', 'opt_state')
+        tree = getattr(mgr.item_metadata(step)['state'], 'tree', None)
+    except (KeyError, TypeError, ValueError, FileNotFoundError):
+        return None
+    return dict(tree) if isinstance(tree, dict) else None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cars_jax.checkpoints import save_checkpoint
 from cars_jax.train import TrainingError, checkpoint_managers, restore_checkpoint, train_and_evaluate
 from cars_jax.steps import create_train_state
 from test_steps import tiny_config
@@ -125,8 +126,23 @@ def test_checkpoints_from_before_the_ema_field_still_restore(tmp_path):
                for x, y in zip(jax.tree.leaves(template.params), jax.tree.leaves(restored.params)))
     # a config that adds an EMA cannot restore such a checkpoint silently
     with_ema = create_train_state(tiny_config(ema_decay=0.9), jax.random.PRNGKey(2), 3, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"has no 'ema'.*ema_decay=0"):
         restore_checkpoint(checkpoint_managers(str(tmp_path))[0], with_ema)
+
+
+def test_a_checkpoint_with_an_ema_does_not_restore_into_a_state_without_one(tmp_path):
+    c = tiny_config(ema_decay=0.9)
+    saved = create_train_state(c, jax.random.PRNGKey(1), 3, 4)
+    latest, _ = checkpoint_managers(str(tmp_path))
+    save_checkpoint(latest, saved, {'epoch': 1})
+    latest.wait_until_finished()
+    fresh = checkpoint_managers(str(tmp_path))[0]
+    restored, _ = restore_checkpoint(fresh, create_train_state(c, jax.random.PRNGKey(2), 3, 4))
+    for x, y in zip(jax.tree.leaves(saved.ema), jax.tree.leaves(restored.ema)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    without = create_train_state(tiny_config(), jax.random.PRNGKey(2), 3, 4)
+    with pytest.raises(ValueError, match=r"has 'ema' but this config keeps none"):
+        restore_checkpoint(fresh, without)
 
 
 def test_early_stopping_with_patience(data_dir, tmp_path):
