@@ -94,6 +94,16 @@ def cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float = 
     return out, labels, labels_b, lam_out
 
 
+def mixing_mode(mixup_alpha: float, cutmix_alpha: float, cutmix_share: float) -> str:
+    """'mixup', 'cutmix' or 'both': which of the two `mix_batch` draws its mixed batches from
+    (the one rule, also for what the training log says)."""
+    if cutmix_alpha <= 0 or cutmix_share <= 0:
+        return 'mixup'
+    if mixup_alpha <= 0 or cutmix_share >= 1:
+        return 'cutmix'
+    return 'both'
+
+
 def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, mixup_alpha: float = 0.4,
               prob: float = 0.5, cutmix_alpha: float = 0.0,
               cutmix_share: float = 0.5) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -103,9 +113,10 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, mixup_alpha:
     (with cutmix_alpha == 0 this *is* `mixup(rng, ...)`, so the seed's runs are unchanged).
     Both enabled: a mixed batch uses CutMix with chance `cutmix_share`, else MixUp.
     """
-    if cutmix_alpha <= 0 or cutmix_share <= 0:
+    mode = mixing_mode(mixup_alpha, cutmix_alpha, cutmix_share)
+    if mode == 'mixup':
         return mixup(rng, images, labels, mixup_alpha, prob)
-    if mixup_alpha <= 0 or cutmix_share >= 1:
+    if mode == 'cutmix':
         return cutmix(rng, images, labels, cutmix_alpha, prob)
     k_switch, k_mix = jax.random.split(rng)
     use_cutmix = jax.random.uniform(k_switch, (), jnp.float32) < cutmix_share

@@ -37,6 +37,7 @@ from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
+from cars_jax.mixup import mixing_mode
 from cars_jax.plots import plot_curves
 from cars_jax.data.cache import build_cache, cache_size_for
 from cars_jax.distributed import global_batch, host_local, replicate
@@ -251,12 +252,9 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names:
 def _mixing_name(config: ml_collections.ConfigDict) -> str:
     """'MixUp', 'CutMix' or 'MixUp/CutMix (25% CutMix)': what mixes the batches, for the log."""
     hyper = mix_hyperparameters(config)
-    cut = hyper['cutmix_alpha'] > 0 and hyper['cutmix_share'] > 0
-    if not cut:
-        return 'MixUp'
-    if hyper['mixup_alpha'] <= 0 or hyper['cutmix_share'] >= 1:
-        return 'CutMix'
-    return f'MixUp/CutMix ({hyper["cutmix_share"]:.0%} CutMix)'
+    mode = mixing_mode(hyper['mixup_alpha'], hyper['cutmix_alpha'], hyper['cutmix_share'])
+    return {'mixup': 'MixUp', 'cutmix': 'CutMix',
+            'both': f'MixUp/CutMix ({hyper["cutmix_share"]:.0%} CutMix)'}[mode]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
