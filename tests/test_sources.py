@@ -495,3 +495,65 @@ def test_tfds_not_prepared_explains_what_to_do(tmp_path):
     assert 'TensorFlow' in msg and 'array_record' in msg and 'devkit' in msg
     with pytest.raises(DataError, match='no dataset'):
         sources.load_tfds('no_such_dataset_xyz', data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------
+# Symlinks in image folders: each real file once, under its own class folder
+# ------------------------------------------------------------------------------------------
+
+
+def _labels_by_name(records, class_names):
+    out = {}
+    for r in records:
+        out.setdefault(class_names[r.label], []).append(r.key)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_folder_symlink_loop_to_an_ancestor_is_skipped_and_counted(tmp_path):
+    root = str(tmp_path)
+    fixtures.make_image_folders(root, {'audi': 3, 'bmw': 2}, {'audi': 1, 'bmw': 1})
+    os.symlink('..', tmp_path / 'train' / 'audi' / 'loop')          # train/audi/loop -> train/
+    s = sources.load_image_folders(root)
+    # 3 + 2 train images, each under its own folder, none through the loop
+    assert _labels_by_name(s.train, s.class_names) == {
+        'audi': [os.path.join('train', 'audi', f'train_00{i}.jpg') for i in range(3)],
+        'bmw': [os.path.join('train', 'bmw', f'train_00{i}.jpg') for i in range(2)]}
+    assert len(s.test) == 2
+    assert [w for w in s.warnings if '1 symlink' in w and 'loop' in w], s.warnings
+
+
+def test_symlinks_never_count_a_file_twice_or_under_another_class(tmp_path):
+    root = str(tmp_path)
+    fixtures.make_image_folders(root, {'audi': 2, 'bmw': 2}, {'audi': 1, 'bmw': 1})
+    train = tmp_path / 'train'
+    outside = tmp_path / 'more_audi'                        # a folder outside the data tree
+    fixtures.write_image(str(outside / 'extra.jpg'), seed=7)
+    os.symlink(outside, train / 'audi' / 'more')             # followed: audi gains extra.jpg
+    os.symlink(outside, train / 'bmw' / 'more_again')       # the same folder again: skipped
+    os.symlink('../audi', train / 'bmw' / 'audi_link')      # another class's folder: skipped
+    os.symlink('../../test', train / 'bmw' / 'test_split')  # holds class folders: skipped
+    os.symlink('../audi/train_000.jpg', train / 'bmw' / 'stolen.jpg')   # another class's file
+    os.symlink('train_001.jpg', train / 'audi' / 'again.jpg')          # the same file again
+    fixtures.write_image(str(tmp_path / 'loose.jpg'), seed=9)
+    os.symlink('../../loose.jpg', train / 'bmw' / 'loose.jpg')         # file link: followed
+    s = sources.load_image_folders(root)
+    j = os.path.join
+    assert _labels_by_name(s.train, s.class_names) == {
+        'audi': [j('train', 'audi', 'more', 'extra.jpg'), j('train', 'audi', 'train_000.jpg'),
+                 j('train', 'audi', 'train_001.jpg')],
+        'bmw': [j('train', 'bmw', 'loose.jpg'), j('train', 'bmw', 'train_000.jpg'),
+                j('train', 'bmw', 'train_001.jpg')]}
+    assert sorted(r.key for r in s.test) == [j('test', 'audi', 'test_000.jpg'),
+                                             j('test', 'bmw', 'test_000.jpg')]
+    note = [w for w in s.warnings if 'symlink' in w]
+    assert len(note) == 1 and note[0].startswith('5 symlinks'), s.warnings
+
+
+def test_a_symlinked_class_folder_is_followed_once(tmp_path):
+    root = str(tmp_path)
+    fixtures.make_image_folders(str(tmp_path / 'elsewhere'), {'bmw': 2})
+    fixtures.make_image_folders(root, {'audi': 1}, {'audi': 1, 'bmw': 1})
+    os.symlink(tmp_path / 'elsewhere' / 'train' / 'bmw', tmp_path / 'train' / 'bmw')
+    s = sources.load_image_folders(root)
+    assert s.class_names == ['audi', 'bmw']
+    assert [r.label for r in s.train] == [0, 1, 1] and s.warnings == []

@@ -99,13 +99,125 @@ def _class_dirs(split_dir: str) -> list[str]:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith('.'))
 
 
-def _images_under(class_dir: str) -> list[str]:
-    # torchvision's make_dataset order: sorted os.walk (symlinks followed), sorted names.
-    paths = []
-    for root, dirs, files in sorted(os.walk(class_dir, followlinks=True)):
-        dirs[:] = [d for d in dirs if not d.startswith('.')]
-        paths.extend(os.path.join(root, f) for f in sorted(files) if _is_image_file(f))
-    return paths
+class _FolderScan:
+    """Lists the images of every class folder of a data tree so that each real file counts
+    once, under its own class folder, whatever the symlinks.
+
+    Policy (as torchvision's ImageFolder, symlinks are followed, but with these guards):
+    - a class folder that is itself a symlink is followed (once);
+    - a symlinked file is followed, unless it resolves into another class's folder (of
+      either split) or to a file already listed (e.g. via a second link, a hard link);
+    - a subfolder (symlinked or not) is skipped when it resolves to a folder already
+      walked (a loop, a second link to the same place), to a class folder or one that
+      holds class folders (an ancestor such as `..`, a split folder), or into another
+      class's folder.
+    Skipped links are counted and listed in one warning; the first occurrence in sorted
+    order (train before test, classes in index order) is the one kept.
+    """
+
+    def __init__(self, class_dirs: Sequence[str]):
+        self.owner: dict[str, str] = {}          # real path of a class folder -> its path
+        for d in class_dirs:
+            self.owner.setdefault(os.path.realpath(d), d)
+        self.holders = {parent for real in self.owner for parent in _parents(real)}
+        self.walked: set[str] = set()            # real paths of the folders walked
+        self.files: set[tuple[int, int]] = set()  # (st_dev, st_ino) of the files listed
+        self.skipped: list[tuple[str, str]] = []  # (path, why)
+
+    def _class_of(self, real: str) -> str | None:
+        """The class folder a real path lies in (the innermost), None outside them all."""
+        for p in [real, *_parents(real)]:
+            if p in self.owner:
+                return self.owner[p]
+        return None
+
+    def images(self, class_dir: str) -> list[str]:
+        """Image paths under class_dir in torchvision's make_dataset order (sorted folder
+        paths, then sorted names), without the links the policy skips."""
+        real_root = os.path.realpath(class_dir)
+        me = self.owner.get(real_root)
+        if me != class_dir or real_root in self.walked:   # the same folder as another class
+            self.skipped.append((class_dir, 'the same folder as another class folder'))
+            return []
+        found: list[tuple[str, list[os.DirEntry]]] = []
+        stack = [(class_dir, real_root)]
+        self.walked.add(real_root)
+        while stack:
+            path, real = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue
+            files, subdirs = [], []
+            for e in entries:
+                if e.name.startswith('.'):
+                    continue
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    if _is_image_file(e.name):
+                        files.append(e)
+                    continue
+                sub_real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                why = self._skip_folder(sub_real, me)
+                if why:
+                    self.skipped.append((e.path, why))
+                else:
+                    self.walked.add(sub_real)
+                    subdirs.append((e.path, sub_real))
+            found.append((path, files))
+            stack.extend(reversed(subdirs))
+        listed = [e for _, files in sorted(found, key=lambda f: f[0]) for e in files]
+        # Real files claim their identity before links to them (the link is the duplicate).
+        why = {e.path: self._skip_file(e, me) for e in listed if not e.is_symlink()}
+        why.update({e.path: self._skip_file(e, me) for e in listed if e.is_symlink()})
+        self.skipped.extend((e.path, why[e.path]) for e in listed if why[e.path])
+        return [e.path for e in listed if not why[e.path]]
+
+    def _skip_folder(self, real: str, me: str) -> str | None:
+        if real in self.walked:
+            return 'a folder already listed (a loop or a second link)'
+        if real in self.owner or real in self.holders:
+            return 'a class folder or a folder holding class folders'
+        if self._class_of(real) not in (None, me):
+            return "inside another class's folder"
+        return None
+
+    def _skip_file(self, e: os.DirEntry, me: str) -> str | None:
+        if e.is_symlink() and self._class_of(os.path.dirname(os.path.realpath(e.path))) not in (
+                None, me):
+            return "a file of another class's folder"
+        try:
+            st = e.stat()
+        except OSError:
+            return None          # a broken link: kept, so the bad-file scan reports it
+        if (st.st_dev, st.st_ino) in self.files:
+            return 'a file already listed'
+        self.files.add((st.st_dev, st.st_ino))
+        return None
+
+    def warning(self, data_dir: str) -> str | None:
+        if not self.skipped:
+            return None
+        n = len(self.skipped)
+        shown = '; '.join(f'{os.path.relpath(p, data_dir)} ({why})' for p, why in self.skipped[:5])
+        return (f'{n} symlink{"s" if n != 1 else ""} or folder{"s" if n != 1 else ""} under '
+                f'{data_dir!r} not followed, so that each image counts once, in its own class '
+                f'folder: {shown}' + (f' and {n - 5} more' if n > 5 else '') + '.')
+
+
+def _parents(path: str) -> list[str]:
+    """The ancestors of an absolute path, nearest first."""
+    out = []
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return out
+        out.append(parent)
+        path = parent
 
 
 def load_image_folders(data_dir: str | os.PathLike) -> Splits:
@@ -114,6 +226,12 @@ def load_image_folders(data_dir: str | os.PathLike) -> Splits:
     Class index = position in the sorted folder names (torchvision ImageFolder order). Only
     files with an image extension are records (case-insensitive); hidden files and other
     files are ignored. A missing test/ gives an empty test split and a warning.
+
+    Symlinks: a symlinked class folder is followed once, and so are symlinked files and
+    subfolders, but every real file counts once and only under its own class folder: a link
+    that loops (`loop -> ..`), reaches a split or class folder, points into another class's
+    folder or repeats an image already listed is skipped and counted in one warning (see
+    `_FolderScan`).
     """
     data_dir = os.fspath(data_dir)
     train_dir = os.path.join(data_dir, 'train')
@@ -150,11 +268,14 @@ def load_image_folders(data_dir: str | os.PathLike) -> Splits:
         warnings.append(f'No test/ folder in {data_dir!r}: there is no test split; validate '
                         f'on a holdout split of train (val_split=holdout).')
 
+    scan = _FolderScan([os.path.join(d, name) for d in (train_dir, test_dir)
+                        for name in (class_names if d == train_dir else test_classes)])
+
     def records(split_dir, split):
         out = []
         empty = []
         for label, name in enumerate(class_names):
-            paths = _images_under(os.path.join(split_dir, name))
+            paths = scan.images(os.path.join(split_dir, name))
             if not paths:
                 empty.append(name)
             out.extend(Record(image=p, label=label, key=os.path.relpath(p, data_dir))
@@ -168,6 +289,8 @@ def load_image_folders(data_dir: str | os.PathLike) -> Splits:
 
     train = records(train_dir, 'train')
     test = records(test_dir, 'test') if test_classes else []
+    if scan.warning(data_dir):
+        warnings.append(scan.warning(data_dir))
     return Splits(train=train, test=test, class_names=class_names, warnings=warnings)
 
 
