@@ -95,6 +95,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('widths', config.widths, 'stage sizes and widths must be positive')
     if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
         _fail('std', config.std, 'mean and std need 3 values each, std > 0')
+    _check_image_size(config)
+
+
+def _check_image_size(config: ml_collections.ConfigDict) -> None:
+    """The last stage must see a map of at least 2x2 (see model.min_image_size)."""
+    from cars_jax.model import min_image_size   # model imports this module
+    stages, pool = len(config.stage_sizes), saved_value(config, 'stem_pool')
+    smallest = min_image_size(stages, pool)
+    if config.image_size < smallest:
+        _fail('image_size', config.image_size,
+              f'the last stage (stage{stages}) would see a single pixel; with {stages} stages '
+              f'and stem_pool={pool} the smallest is {smallest} px')
 
 
 # Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).

@@ -115,6 +115,39 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def stage_map_sizes(image_size: int, num_stages: int, stem_pool: bool = True) -> list[int]:
+    """Side of each stage's output map ('stage1'..'stageN') for a square input, by PyTorch's
+    size formula: the stem conv 7x7/2 pad 3, the max-pool 3x3/2 pad 1 (stem_pool), and the
+    stride-2 first block (3x3/2 pad 1; its 1x1/2 shortcut gives the same size) of stages 2..N."""
+    s = conv_output_size(image_size, 7, 2, 3)
+    if stem_pool:
+        s = conv_output_size(s, 3, 2, 1)
+    sizes = []
+    for i in range(num_stages):
+        if i > 0:
+            s = conv_output_size(s, 3, 2, 1)
+        sizes.append(s)
+    return sizes
+
+
+def min_image_size(num_stages: int, stem_pool: bool = True) -> int:
+    """The smallest square input whose last stage still sees a map of at least 2x2.
+
+    Below it the last stage's input is one pixel framed by zero padding: the stage has no
+    spatial extent left (the size formula never reaches 0, so such a net trains, on
+    nothing but that pixel)."""
+    def last_input(size: int) -> int:
+        before = stage_map_sizes(size, num_stages - 1, stem_pool) if num_stages > 1 else []
+        if before:
+            return before[-1]
+        s = conv_output_size(size, 7, 2, 3)
+        return conv_output_size(s, 3, 2, 1) if stem_pool else s
+    size = 1
+    while last_input(size) < 2:
+        size += 1
+    return size
+
+
 def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False) -> str:
     """'xla' or 'matmul' for a conv with a static output size (trace-time decision).
 

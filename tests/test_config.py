@@ -108,3 +108,21 @@ def test_a_run_saved_before_ema_decay_existed_resumes_without_an_ema():
     assert incompatible_fields(saved, _cfg()) == []
     diffs = incompatible_fields(saved, _cfg(ema_decay=0.999))
     assert len(diffs) == 1 and diffs[0].startswith('ema_decay')
+
+
+@pytest.mark.parametrize('stages,stem_pool,smallest', [
+    # Hand computation: every stride-2 layer (stem conv 7x7/2 pad 3, max-pool 3x3/2 pad 1,
+    # the first block of stages 2..N) maps s to ceil(s / 2); the last stage needs an input
+    # of at least 2x2, i.e. ceil(s / 2^k) >= 2 with k stride-2 layers before it.
+    ((2, 2, 2, 2), True, 17),    # k = 4 (conv, pool, stage2, stage3): s >= 2^4 + 1
+    ((2, 2, 2, 2), False, 9),    # k = 3
+    ((1, 1), True, 5),           # k = 2 (conv, pool)
+    ((1,), False, 3),            # k = 1 (conv)
+])
+def test_image_size_below_the_nets_minimum_is_an_error_naming_it(stages, stem_pool, smallest):
+    kw = dict(stage_sizes=stages, widths=(8,) * len(stages), stem_pool=stem_pool)
+    validate_config(_cfg(image_size=smallest, **kw))
+    for too_small in (1, smallest - 1):
+        with pytest.raises(ConfigError, match=rf'--config.image_size={too_small} .*smallest is '
+                                              rf'{smallest} px'):
+            validate_config(_cfg(image_size=too_small, **kw))

@@ -81,6 +81,9 @@ def test_demo_trains_is_interrupted_and_resumes(demo_dir, tmp_path):
     ('--config.learning_rate=-1', '--config.learning_rate=-1'),
     ('--config.batch_sz=4', 'did you mean --config.batch_size'),
     ('--config=configs/missing.py', "config file 'configs/missing.py' not found"),
+    ('--config.image_size=7', '--config.image_size=7 is invalid: the last stage (stage4) would '
+                              'see a single pixel; with 4 stages and stem_pool=True the smallest '
+                              'is 17 px'),
 ])
 def test_user_errors_are_one_line_without_traceback(flag, needle, tmp_path):
     r = run_main(flag, f'--workdir={tmp_path}', timeout=120)
