@@ -42,7 +42,7 @@ flags.DEFINE_string('init_from', None, 'eval/gradcam/predict/export: use the see
 flags.DEFINE_string('export_dir', None, 'export: output folder (default <workdir>/export).')
 flags.DEFINE_list('export_platforms', None, 'export: e.g. cpu,cuda (default: this backend).')
 flags.DEFINE_string('images', None, 'An image file or a folder of images (gradcam, predict).')
-flags.DEFINE_integer('top_k', 5, 'predict: classes listed per image.')
+flags.DEFINE_integer('top_k', 5, 'predict: classes listed per image (>= 1).', lower_bound=1)
 flags.DEFINE_bool('tta', False, 'predict: average with the horizontally flipped image.')
 flags.DEFINE_string('layer', None, 'gradcam: the stage whose activation is explained, '
                     'stage1..stageN (default: the last, as the seed\'s model.l4).')
@@ -168,7 +168,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - flags/ml_collections raise several types
         if '--verbose' in argv:
             traceback.print_exc()
-        msg = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split()).strip("'")
+        msg = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
+        if len(msg) > 1 and msg[0] == msg[-1] == "'":   # a KeyError's quoted field name
+            msg = msg[1:-1]
         hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
         name = re.sub(r'[\'"]', '', msg)
         if hint:

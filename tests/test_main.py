@@ -97,3 +97,13 @@ def test_missing_data_dir_says_what_layout_is_expected(tmp_path):
                  f'--workdir={tmp_path}/w', timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert 'configs/demo.py' in r.stderr
+
+
+@pytest.mark.parametrize('value', ['0', '-1'])
+def test_a_top_k_below_1_is_a_one_line_error_naming_the_flag(value, tmp_path):
+    r = run_main('--mode=predict', f'--top_k={value}', f'--images={tmp_path}',
+                 f'--workdir={tmp_path}', timeout=120)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert errors == [f'error: flag --top_k={value}: {value} is not a positive integer (see '
+                      'python main.py --helpfull)'], r.stderr
