@@ -45,7 +45,8 @@ flags.DEFINE_string('images', None, 'An image file or a folder of images (gradca
 flags.DEFINE_integer('top_k', 5, 'predict: classes listed per image (>= 1).', lower_bound=1)
 flags.DEFINE_bool('tta', False, 'predict: average with the horizontally flipped image.')
 flags.DEFINE_string('layer', None, 'gradcam: the stage whose activation is explained, '
-                    'stage1..stageN (default: the last, as the seed\'s model.l4).')
+                    'stage1..stageN (default: the deepest stage whose maps are at least 2x2: '
+                    'the last, as the seed\'s model.l4, from 33 px with the seed\'s net).')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-process training (several hosts): '
                     'host:port of process 0, as jax.distributed.initialize. Under SLURM or Open '

@@ -27,7 +27,7 @@ from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
 from cars_jax.data.sources import DataError, Record, decode_image
 from cars_jax.distributed import global_batch, host_local
-from cars_jax.model import build_model
+from cars_jax.model import build_model, stage_map_sizes
 from cars_jax.steps import TrainState, create_train_state, inference_variables, predict_step
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -139,7 +139,7 @@ def localisation_scores(state: TrainState, model, records: Sequence[Record], reg
     pointing game: share whose map maximum lies in the box; mass inside: mean share of the
     map's mass in the box; chance: mean share of the image the box covers (a uniform map's
     mass share, and the pointing-game score of a random point)."""
-    cam_fn = gc.make_gradcam_fn(model, last_stage(config))
+    cam_fn = gc.make_gradcam_fn(model, gradcam_layer(config))
     s = config.image_size
     hits, masses, areas = [], [], []
     for batch in _eval_batches(records, config):
@@ -168,6 +168,22 @@ def last_stage(config: ml_collections.ConfigDict) -> str:
     return f'stage{len(config.stage_sizes)}'
 
 
+def stage_sides(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """{'stage1': side, ...}: each stage's map side at config.image_size."""
+    from cars_jax.config import saved_value
+    sides = stage_map_sizes(config.image_size, len(config.stage_sizes),
+                            saved_value(config, 'stem_pool'))
+    return {f'stage{i + 1}': s for i, s in enumerate(sides)}
+
+
+def gradcam_layer(config: ml_collections.ConfigDict) -> str:
+    """The stage Grad-CAM explains by default: the deepest whose maps are at least 2x2. The
+    last stage's 1x1 maps (the seed's net below 33 px) upsample to a flat map; a 2x2 map is
+    coarse but still says which quarter of the image the class evidence is in."""
+    sides = stage_sides(config)
+    return ([name for name, side in sides.items() if side >= 2] or ['stage1'])[-1]
+
+
 def _image_size(path: str) -> tuple[int, int]:
     from PIL import Image
     with Image.open(path) as im:
@@ -188,20 +204,33 @@ def one_per_class(records: Sequence[Record], n_classes: int) -> list[int]:
 
 def gradcam_figure(state: TrainState, model, images: np.ndarray, labels: Sequence[int] | None,
                    class_names: list[str], config: ml_collections.ConfigDict, path: str,
-                   titles: Sequence[str] | None = None, layer: str | None = None) -> dict:
-    """Grad-CAM grid of normalised eval images (N, S, S, 3); labels None = unknown truth;
-    layer None = the last stage."""
-    layer = layer or last_stage(config)
+                   titles: Sequence[str] | None = None, layer: str | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Grad-CAM grid of normalised eval images (N, S, S, 3). labels None: the truth is
+    unknown and `titles` (e.g. file names) caption the images; layer None: `gradcam_layer`.
+    A layer with 1x1 maps (flat Grad-CAM) is drawn, with a warning naming a better one.
+    Returns the predictions, their confidence, the layer and its low-resolution maps."""
+    sides, best = stage_sides(config), gradcam_layer(config)
+    if layer is None:
+        layer = best
+        if layer != last_stage(config):
+            log(f'Grad-CAM on {layer} ({sides[layer]}x{sides[layer]} maps): the last stage, '
+                f'{last_stage(config)}, has 1x1 maps at {config.image_size} px.')
+    elif sides[layer] < 2:
+        log(f'Warning: --layer={layer} has {sides[layer]}x{sides[layer]} maps at '
+            f'{config.image_size} px, so every Grad-CAM map is flat; use --layer={best} (the '
+            f'deepest stage with at least 2x2 maps) or a larger --config.image_size.')
     cam_fn = gc.make_gradcam_fn(model, layer)
     out = jax.device_get(cam_fn(inference_variables(state), jnp.asarray(images)))
     preds = out['targets']
     conf = out['probs'][np.arange(len(preds)), preds]
-    true_names = ([class_names[int(l)] for l in labels] if labels is not None
-                  else list(titles or ['?'] * len(preds)))
+    true_names = [class_names[int(l)] for l in labels] if labels is not None else None
     pred_names = [class_names[int(p)] for p in preds]
     gc.plot_gradcam_grid(denormalize(images, config.mean, config.std), out['cam'], true_names,
-                         pred_names, conf, path, title=f'Grad-CAM ({layer}, predicted class)')
-    return {'preds': preds, 'confidence': conf}
+                         pred_names, conf, path, captions=titles,
+                         title=f'Grad-CAM ({layer}, {sides[layer]}x{sides[layer]} maps, '
+                               'predicted class)')
+    return {'preds': preds, 'confidence': conf, 'layer': layer, 'cam_lowres': out['cam_lowres']}
 
 
 # ---- predictions on files ----------------------------------------------------------------
@@ -372,7 +401,7 @@ def run_gradcam(workdir: str, images: str | None = None, num_classes_shown: int 
         x = np.stack([eval_transform(decode_image(data.val[i]), aug) for i in idx])
         labels, titles = [data.val[i].label for i in idx], None
     path = os.path.join(workdir, 'gradcam.png')
-    out = gradcam_figure(state, model, x, labels, class_names, config, path, titles, layer)
+    out = gradcam_figure(state, model, x, labels, class_names, config, path, titles, layer, log)
     if labels is not None:
         log(f'{int(np.sum(out["preds"] == np.asarray(labels)))}/{len(labels)} shown images correct.')
     log(f'Grad-CAM grid written to {path}')

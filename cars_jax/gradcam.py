@@ -209,17 +209,22 @@ def _wrap(name: str, width: int = 30) -> str:
     return '\n'.join(lines[:1] + [shorten(' '.join(lines[1:]), width)] if len(lines) > 1 else lines)
 
 
-def plot_gradcam_grid(images_rgb01: np.ndarray, cams: np.ndarray, true_names: Sequence[str],
-                      pred_names: Sequence[str], confidences: Sequence[float], path: str,
-                      ncols: int = 5, title: str = 'Grad-CAM') -> None:
-    """A grid of overlays, each titled 'pred: NAME (93%)\\ntrue: NAME', green when the
-    prediction is right and red when wrong; written atomically (tmp + os.replace) as PNG."""
+def plot_gradcam_grid(images_rgb01: np.ndarray, cams: np.ndarray,
+                      true_names: Sequence[str] | None, pred_names: Sequence[str],
+                      confidences: Sequence[float], path: str, ncols: int = 5,
+                      title: str = 'Grad-CAM', captions: Sequence[str] | None = None) -> None:
+    """A grid of overlays, each titled 'pred (93%): NAME\\ntrue: NAME', green when the
+    prediction is right and red when wrong. true_names None (unlabelled images): titled
+    'CAPTION\\npred (93%): NAME' in black, the caption being e.g. the file name. Written
+    atomically (tmp + os.replace) as PNG."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     n = len(images_rgb01)
-    if not (len(cams) == len(true_names) == len(pred_names) == len(confidences) == n):
+    captions = list(captions) if captions is not None else [''] * n
+    if not (len(cams) == len(pred_names) == len(confidences) == len(captions) == n
+            and (true_names is None or len(true_names) == n)):
         raise ValueError('images, cams, names and confidences must have the same length')
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
@@ -229,10 +234,13 @@ def plot_gradcam_grid(images_rgb01: np.ndarray, cams: np.ndarray, true_names: Se
     for i in range(n):
         ax = axes.ravel()[i]
         ax.imshow(overlay(images_rgb01[i], cams[i]))
-        correct = str(pred_names[i]) == str(true_names[i])
-        ax.set_title(f'pred ({100 * float(confidences[i]):.0f}%): {_wrap(pred_names[i])}\n'
-                     f'true: {_wrap(true_names[i])}',
-                     color='green' if correct else 'red', fontsize=8)
+        pred = f'pred ({100 * float(confidences[i]):.0f}%): {_wrap(pred_names[i])}'
+        if true_names is None:
+            ax.set_title(f'{shorten(captions[i], 30)}\n{pred}', color='black', fontsize=8)
+        else:
+            correct = str(pred_names[i]) == str(true_names[i])
+            ax.set_title(f'{pred}\ntrue: {_wrap(true_names[i])}',
+                         color='green' if correct else 'red', fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))

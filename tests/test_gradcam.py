@@ -299,3 +299,74 @@ def test_denormalize_inverts_normalize_for_imagenet_stats():
     # the seed's mean/std 0.5 display transform does not invert it (tinted pictures)
     wrong = augment.denormalize(normed, (0.5,) * 3, (0.5,) * 3)
     assert np.abs(wrong - x / 255).max() > 0.1
+
+
+# ---- the layer explained by default, and the figure's titles ------------------------------
+
+def _tiny_run(image_size, stem_pool=True):
+    from test_steps import tiny_config
+    from cars_jax.model import build_model
+    from cars_jax.steps import create_train_state
+    config = tiny_config(image_size=image_size, stage_sizes=(1, 1, 1, 1), widths=(4, 4, 4, 4),
+                         stem_pool=stem_pool)
+    state = create_train_state(config, jax.random.PRNGKey(0), 3, 1)
+    images = np.random.default_rng(0).normal(size=(2, image_size, image_size, 3))
+    return config, state, build_model(config, 3), images.astype(np.float32)
+
+
+def _figure_titles(monkeypatch):
+    """Captures (title, colour) of every titled axis of the figures saved."""
+    from matplotlib.figure import Figure
+    seen = []
+    real = Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        seen.extend((ax.get_title(), ax.title.get_color()) for ax in fig.axes if ax.get_title())
+        return real(fig, *a, **kw)
+    monkeypatch.setattr(Figure, 'savefig', savefig)
+    return seen
+
+
+@pytest.mark.parametrize('size,stem_pool,layer', [
+    # stage sides by hand (each stride-2 layer: ceil(s / 2)): 32 px -> 16 (conv) -> 8 (pool)
+    # -> stage1 8, stage2 4, stage3 2, stage4 1; without the pool stage4 is 2; at 64 px 2.
+    (32, True, 'stage3'), (32, False, 'stage4'), (64, True, 'stage4'), (17, True, 'stage3'),
+])
+def test_default_layer_is_the_deepest_with_at_least_2x2_maps(size, stem_pool, layer, tmp_path):
+    from cars_jax import evaluate as E
+    config, state, model, x = _tiny_run(size, stem_pool)
+    lines = []
+    out = E.gradcam_figure(state, model, x, [0, 1], ['a', 'b', 'c'], config,
+                           str(tmp_path / 'cam.png'), log=lines.append)
+    assert out['layer'] == layer
+    assert np.asarray(out['cam_lowres']).shape[1:] == (2, 2)
+    assert not any('Warning' in l for l in lines), lines
+
+
+def test_a_1x1_layer_named_with_layer_warns(tmp_path):
+    from cars_jax import evaluate as E
+    config, state, model, x = _tiny_run(32)
+    lines = []
+    out = E.gradcam_figure(state, model, x, [0, 1], ['a', 'b', 'c'], config,
+                           str(tmp_path / 'cam.png'), layer='stage4', log=lines.append)
+    assert out['layer'] == 'stage4'
+    assert [l for l in lines if '--layer=stage4' in l and '1x1' in l and 'stage3' in l], lines
+
+
+def test_unlabelled_images_are_titled_by_file_name_in_a_neutral_colour(tmp_path, monkeypatch):
+    from cars_jax import evaluate as E
+    config, state, model, x = _tiny_run(32)
+    seen = _figure_titles(monkeypatch)
+    out = E.gradcam_figure(state, model, x, None, ['a', 'b', 'c'], config,
+                           str(tmp_path / 'cam.png'), titles=['car0.jpg', 'car1.jpg'])
+    cells = [(t, c) for t, c in seen if not t.startswith('Grad-CAM')]
+    names = ['abc'[int(p)] for p in out['preds']]
+    assert [t.split('\n')[0] for t, _ in cells] == ['car0.jpg', 'car1.jpg']
+    assert all('true' not in t for t, _ in cells)
+    assert all(t.split('\n')[1].startswith('pred (') and t.endswith(n)
+               for (t, _), n in zip(cells, names))
+    assert {c for _, c in cells} == {'black'}
+    seen.clear()
+    E.gradcam_figure(state, model, x, [int(out['preds'][0]), (int(out['preds'][1]) + 1) % 3],
+                     ['a', 'b', 'c'], config, str(tmp_path / 'cam.png'))
+    assert [c for t, c in seen if not t.startswith('Grad-CAM')] == ['green', 'red']
