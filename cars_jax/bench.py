@@ -62,7 +62,15 @@ SEED_WIDTHS = (64, 128, 256, 512)
 
 
 def machine() -> str:
-    return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}'
+    """The CPU model (from /proc/cpuinfo where there is one), core count and OS."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f
+                         if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{model}, {os.cpu_count()} cores, {platform.system()}'
 
 
 def _ints(text: str, default: Sequence[int]) -> tuple[int, ...]:
@@ -283,6 +291,8 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
         rows.append({'framework': 'jax', 'conv_impl': impl,
                      'train_images_per_s': statistics.median(rates),
                      'eval_images_per_s': statistics.median(eval_rates),
+                     'train_range': [min(rates), max(rates)],
+                     'eval_range': [min(eval_rates), max(eval_rates)],
                      'first_step_incl_compile_s': compile_s})
     base = rows[0]['train_images_per_s']
     torch = bench_torch.import_torch() if use_torch else None
@@ -297,6 +307,7 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
                      'conv_impl': f'pytorch eager, {t["threads"]} threads',
                      'train_images_per_s': t['train_images_per_s'],
                      'eval_images_per_s': t['eval_images_per_s'],
+                     'train_range': t['train_range'], 'eval_range': t['eval_range'],
                      'first_step_incl_compile_s': t['first_step_s']}
         rows.append(torch_row)
     for r in rows:
@@ -474,17 +485,21 @@ def print_fused_table(r: dict) -> None:
 def print_step_table(results: dict) -> None:
     print(f'Train-step benchmark on {results["machine"]} ({results["backend"]}): seed ResNet '
           f'{results["stage_sizes"]} x {results["widths"]}, {results["num_classes"]} classes, '
-          f'{results["image_size"]} px, batch {results["batch_size"]}, median of '
+          f'{results["image_size"]} px, batch {results["batch_size"]}, median [min-max] of '
           f'{results["repeats"]}')
     torch = any('vs_pytorch' in r for r in results['rows'])
-    print(f'{"conv_impl":30s} {"train img/s":>12s} {"vs first":>9s}'
+    print(f'{"conv_impl":30s} {"train img/s":>24s} {"vs first":>9s}'
           + (f' {"vs PyTorch":>11s}' if torch else '')
-          + f' {"eval img/s":>11s}' + (f' {"vs PyTorch":>11s}' if torch else '')
+          + f' {"eval img/s":>24s}' + (f' {"vs PyTorch":>11s}' if torch else '')
           + f' {"1st step (compile) s":>21s}')
+
+    def rate(r, key):
+        lo, hi = r.get(f'{key}_range', (r[f'{key}_images_per_s'],) * 2)
+        return f'{r[f"{key}_images_per_s"]:.1f} [{lo:.1f}-{hi:.1f}]'
     for r in results['rows']:
-        print(f'{r["conv_impl"]:30s} {r["train_images_per_s"]:12.1f} {r["ratio"]:8.2f}x'
+        print(f'{r["conv_impl"]:30s} {rate(r, "train"):>24s} {r["ratio"]:8.2f}x'
               + (f' {r["vs_pytorch"]:10.2f}x' if torch else '')
-              + f' {r["eval_images_per_s"]:11.1f}'
+              + f' {rate(r, "eval"):>24s}'
               + (f' {r["eval_vs_pytorch"]:10.2f}x' if torch else '')
               + f' {r["first_step_incl_compile_s"]:21.1f}')
     for n in results.get('notes', []):

@@ -171,6 +171,7 @@ def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, r
         torch.set_num_threads(old_threads)
     return {'train_images_per_s': statistics.median(rates),
             'eval_images_per_s': statistics.median(eval_rates),
+            'train_range': [min(rates), max(rates)], 'eval_range': [min(eval_rates), max(eval_rates)],
             'first_step_s': first_s, 'threads': threads}
 
 

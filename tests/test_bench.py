@@ -81,6 +81,9 @@ def test_step_rows_and_ratios():
     base = r['rows'][0]['train_images_per_s']
     for row in r['rows']:
         assert row['train_images_per_s'] > 0 and row['eval_images_per_s'] > 0
+        for key in ('train', 'eval'):          # the median of 2 repeats lies in their range
+            lo, hi = row[f'{key}_range']
+            assert 0 < lo <= row[f'{key}_images_per_s'] <= hi
         assert _close(row['ratio'], row['train_images_per_s'] / base)
         assert ('vs_pytorch' in row) == TORCH
     if TORCH:
