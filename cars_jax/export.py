@@ -6,7 +6,7 @@
                          weights baked in; images: normalised NHWC float32 (b, S, S, 3) with a
                          symbolic batch b (any size) unless a fixed `batch_size` is asked for
     meta.json            class names, image_size, mean, std, eval_resize, batch_size, platforms
-    serving.py           a copy of cars_jax/serving.py: the loader, numpy + jax (+ Pillow) only
+    serving.py           a copy of cars_jax/serving.py: the loader, jax + flatbuffers (+ Pillow) only
 
 so serving needs neither flax nor cars_jax: `serving.load_exported(dir).predict(uint8_images)`.
 Loading is `jax.export.deserialize`, which also needs the `flatbuffers` package.

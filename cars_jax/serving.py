@@ -1,7 +1,10 @@
 """Standalone loader for a model exported by `cars_jax.export.export_model`.
 
-Needs only numpy, jax (for `jax.export` and to run the StableHLO) and, to resize uint8
-images, Pillow; never flax nor the rest of cars_jax. `export_model` copies this very file into
+Needs only jax (for `jax.export` and to run the StableHLO; numpy and the rest of what pip
+installs with jax), flatbuffers (`jax.export.deserialize` reads the artifact with it) and, to
+resize uint8 images, Pillow: `pip install jax flatbuffers pillow`, with a jax at least as new as
+the one that exported the model (meta.json's jax_version; an older one may not read newer
+StableHLO). Never flax nor the rest of cars_jax. `export_model` copies this very file into
 the export directory, so a server can do, without cars_jax installed:
 
     import sys; sys.path.insert(0, 'exported_model')
@@ -105,7 +108,7 @@ class Predictor:
         self.std = tuple(meta['std'])
         self.eval_resize: str = meta['eval_resize']
         self.batch_size: int | None = meta['batch_size']   # None: any batch size
-        self._call = jax.jit(exported.call)
+        self._call = explain_version_errors(jax.jit(exported.call), meta.get('jax_version'))
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """One uint8 HxW(x3) image -> (S, S, 3) float32 model input."""
@@ -157,6 +160,34 @@ class Predictor:
         probs = self.predict(images)
         order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
         return [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+
+
+def _version(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split('.')[:3]:
+        digits = ''.join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def explain_version_errors(call: Any, exported_with: str | None) -> Any:
+    """`call`, or, when the installed jax is older than the one that exported the model (an
+    older jax may not read newer StableHLO: jax 0.10.2 cannot run a jax 0.12 export), `call`
+    with its errors turned into one that names both versions and the fix."""
+    import jax
+    if not exported_with or _version(jax.__version__) >= _version(exported_with):
+        return call
+
+    def checked(*args):
+        try:
+            return call(*args)
+        except Exception as e:  # noqa: BLE001 - XLA's errors for unreadable StableHLO vary
+            raise RuntimeError(
+                f'this model was exported with jax {exported_with} and cannot run on the '
+                f'installed jax {jax.__version__} (an older jax may not read newer StableHLO): '
+                f'install jax>={exported_with}, or export the model again with this jax '
+                f'({type(e).__name__}: {" ".join(str(e).split())[:200]})') from e
+    return checked
 
 
 def read_meta(path: str) -> dict:
