@@ -77,10 +77,10 @@ def run(argv) -> int:
     if FLAGS.mode == 'train':
         report = train.train_and_evaluate(config, workdir)
         if not report.get('interrupted') and _process_index() == 0:
-            print(f'Done. Best checkpoint, report and curves in {workdir}/', flush=True)
+            train.console(f'Done. Best checkpoint, report and curves in {workdir}/')
         return 0
     from cars_jax import evaluate
-    src = {'init_from': FLAGS.init_from, 'config': config}
+    src = {'init_from': FLAGS.init_from, 'config': config, 'log': train.console}
     if FLAGS.mode == 'eval':
         evaluate.run_eval(workdir, **src)
     elif FLAGS.mode == 'gradcam':
@@ -115,7 +115,7 @@ def main(argv) -> None:
     try:
         code = run(argv)
     except KeyboardInterrupt:
-        print('Interrupted.', file=sys.stderr)
+        _console('Interrupted.', sys.stderr)
         code = 130
     except Exception as e:  # noqa: BLE001 - the one place errors become messages
         user = isinstance(e, _user_errors()) or _disk_full(e)
@@ -135,8 +135,13 @@ def main(argv) -> None:
                 os.write(own, traceback.format_exc().encode())
             os.write(own, f'\nerror: {_disk_full_message(e)}\n'.encode())
             os._exit(code)
-        print(f'error: {e}', file=sys.stderr)
+        _console(f'error: {e}', sys.stderr)
     sys.exit(code)
+
+
+def _console(msg: str, stream) -> None:
+    from cars_jax.train import console   # survives a closed pipe (`... 2>&1 | head`)
+    console(msg, stream)
 
 
 def _drop_traceback(record) -> bool:

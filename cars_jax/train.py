@@ -49,8 +49,27 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, incompatible workdir): the message says why."""
 
 
+def console(msg: str, stream: Any = None) -> None:
+    """print(msg) that survives a closed pipe: `python main.py | head` after head exited, or
+    `| tee log` killed by the same Ctrl-C. The stream's descriptor is then pointed at
+    /dev/null, so later lines (and the interpreter's last flush) neither raise
+    BrokenPipeError nor change the exit status."""
+    import sys
+    stream = stream if stream is not None else sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):   # no descriptor (a test's StringIO)
+            pass
+
+
 class Reporter:
-    """Prints progress and keeps a copy in workdir/log.txt."""
+    """Prints progress and keeps a copy in workdir/log.txt, written first: a console that
+    has gone away (a closed pipe) never costs the copy."""
 
     def __init__(self, workdir: str, quiet: bool = False, primary: bool = True):
         self.path, self.quiet, self.primary = os.path.join(workdir, 'log.txt'), quiet, primary

@@ -234,6 +234,30 @@ def test_ctrl_c_and_sigterm_save_within_seconds_and_exit_0(demo_dir, tmp_path, s
     assert int(state.step) == int(m[1]) and meta['progress']['iterator'] is not None
 
 
+def test_ctrl_c_with_the_console_pipe_closed_saves_logs_and_exits_0(demo_dir, tmp_path):
+    """`python main.py ... | head`: the reader has gone when Ctrl-C comes (or `| tee`, which
+    the same Ctrl-C kills). The progress lines after that and the final save line must not
+    raise BrokenPipeError; the save line still reaches log.txt."""
+    workdir = tmp_path / 'run'
+    with open(tmp_path / 'stderr.txt', 'w') as err:
+        proc = subprocess.Popen([sys.executable, MAIN, *TINY, f'--config.data_dir={demo_dir}',
+                                 f'--workdir={workdir}'], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=ENV)
+        read_until(proc, 'epoch 1 step 1/')
+        proc.stdout.close()                 # the reader exits: writes now get EPIPE
+        time.sleep(2)                       # a few more progress lines hit the closed pipe
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    stderr = (tmp_path / 'stderr.txt').read_text()
+    assert proc.returncode == 0, stderr
+    assert 'Traceback' not in stderr and 'BrokenPipeError' not in stderr, stderr
+    m = re.search(r'Ctrl-C: saved a checkpoint at step (\d+) in .*Run the same command again',
+                  (workdir / 'log.txt').read_text())
+    assert m, (workdir / 'log.txt').read_text()
+    state, _ = restore(workdir, demo_dir)
+    assert int(state.step) == int(m[1])
+
+
 # ---- 3. NaN / Inf --------------------------------------------------------------------------
 
 def test_divergence_stops_with_one_line_and_keeps_finite_checkpoints(demo_dir, tmp_path):
