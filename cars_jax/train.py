@@ -77,10 +77,10 @@ class Reporter:
     def __call__(self, msg: str) -> None:
         if not self.primary:       # multi-process: process 0 speaks for the run
             return
-        if not self.quiet:
-            print(msg, flush=True)
         with open(self.path, 'a') as f:
             f.write(msg + '\n')
+        if not self.quiet:
+            console(msg)
 
 
 def _step(state: TrainState) -> int:
