@@ -91,7 +91,7 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, step: int 
     """Restores (state, meta) of `step` (default latest) into the structure of `state`.
 
     The fields are matched against the tree on disk first: a checkpoint written before a
-    TrainState field existed (`ema`, added in session 6) has no entry for it, and restores
+    TrainState field existed (`ema`, added after the first release) has no entry for it, and restores
     into a state that leaves that field None; a field the state needs but the checkpoint lacks
     (or the reverse) is a ValueError naming it, not Orbax's tree-structure mismatch."""
     step = mgr.latest_step() if step is None else step

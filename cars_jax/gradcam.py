@@ -1,7 +1,7 @@
 """Grad-CAM for the project's ResNet: pure maps, localisation scores, and the figure.
 
 The seed ran `pytorch_grad_cam.GradCAM` on `model.l4` with the predicted class as target
-(../shared/reference/seed-notebook.md §5). Here it is written out:
+(the notebook's §5). Here it is written out:
 
     A      = the stage's output (N, h, w, C), flax name 'stage4' for the seed's model.l4
     g      = d logit_target / d A, through the zero perturbation `model.perturb` adds there

@@ -1,6 +1,6 @@
 """The seed's network (its `VehicleResNet` = ResNet-18 topology + Dropout(0.5)) in Flax linen.
 
-Layer for layer the PyTorch model of ../shared/reference/seed-notebook.md §3, in NHWC:
+Layer for layer the PyTorch model of the seed notebook (its §3), in NHWC:
 
     stem   conv1 7x7/2 pad 3 (no bias) -> bn1 -> ReLU -> max-pool 3x3/2 pad 1 (-inf padding)
     stages l1..l4: `stage_sizes` BasicBlocks at `widths`; stride 2 on the first block of
@@ -47,7 +47,7 @@ parameter, so the weights still map onto the seed's `state_dict`, but the seed's
 would pool them: a different function. 'pool' is then the stem's output unchanged.
 
 CPU speed: XLA:CPU's convolution is ~70x slower than the equivalent matmul on 2x2 maps
-(../shared/reference/jax-stack-notes.md §8), which the last stages reach at 32-64 px input,
+(BENCHMARKS.md), which the last stages reach at 32-64 px input,
 and measured slower than it in the train pass on large maps (>=32x32) too. `Conv(impl='auto')`
 on CPU uses the im2col + one matmul form on <=4x4 maps and, when training, on >=32x32 maps;
 GPU/TPU keep `lax.conv`. Both forms share the same `kernel` parameter and agree to float rounding.
@@ -152,9 +152,9 @@ def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False)
     """'xla' or 'matmul' for a conv with a static output size (trace-time decision).
 
     'auto' on GPU/TPU is `lax.conv`. On CPU it is the matmul form on maps of at most
-    AUTO_MATMUL_MAX_HW (XLA:CPU's conv is ~70x slower there, jax-stack-notes §8) and, in the
-    train pass, also on maps of at least AUTO_MATMUL_TRAIN_MIN_HW: on the 2-core AMD EPYC box
-    of session 5 the train step at 128 px ran ~2x faster with those (the stem's and stage 1's
+    AUTO_MATMUL_MAX_HW (XLA:CPU's conv is ~70x slower there) and, in the
+    train pass, also on maps of at least AUTO_MATMUL_TRAIN_MIN_HW: on a 2-core AMD EPYC
+    the train step at 128 px ran ~2x faster with those (the stem's and stage 1's
     maps) as matmuls, while 8-16 px maps gained nothing, the forward-only eval step gained
     nothing or lost (0.78x at 224 px), and the matmul form costs compile time (~+30% for the
     tests' tiny nets). BENCHMARKS.md has the numbers.

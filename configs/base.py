@@ -1,4 +1,4 @@
-"""The seed's Stanford Cars recipe, value for value (../shared/reference/seed-notebook.md).
+"""The seed's Stanford Cars recipe, value for value (the PyTorch notebook the project reimplements).
 
 Every hyperparameter of the PyTorch notebook is a named field here; override any of them on
 the command line: `python main.py --config=configs/base.py --config.batch_size=64`.

@@ -22,7 +22,7 @@ def torch():
 
 
 def seed_classes(torch):
-    """The notebook's §3 code verbatim (../shared/reference/seed-notebook.md), plus the
+    """The seed notebook's §3 code verbatim, plus the
     super().__init__() calls the summary leaves out, and `SeedVariant`: the same `_mk`/forward
     with the stage sizes and widths as arguments."""
     nn = torch.nn

@@ -1,6 +1,6 @@
 """The seed's torchvision transforms as pure numpy (+ PIL) functions with explicit randomness.
 
-Train, in the seed's order (../shared/reference/seed-notebook.md §2):
+Train, in the seed notebook's order (its §2):
 
     RandomResizedCrop(S, scale, ratio) -> RandomHorizontalFlip -> RandomRotation(15, NEAREST, fill 0)
     -> ColorJitter(.2, .2, .2, .1) -> RandomAffine(0, translate=(.1, .1), shear=10, NEAREST, fill 0)
