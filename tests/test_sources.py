@@ -557,3 +557,29 @@ def test_a_symlinked_class_folder_is_followed_once(tmp_path):
     s = sources.load_image_folders(root)
     assert s.class_names == ['audi', 'bmw']
     assert [r.label for r in s.train] == [0, 1, 1] and s.warnings == []
+
+
+def test_use_bbox_counts_the_boxes_past_the_image_edge(tmp_path):
+    from test_steps import tiny_config
+    from cars_jax.data.dataset import build_data
+    rows = TRAIN_ROWS + [('00005.jpg', 2, (50, 50, 60, 60), (32, 24))]    # entirely outside
+    root = fixtures.make_devkit(str(tmp_path), NAMES, rows, TEST_ROWS)
+    config = tiny_config(data_source='devkit', data_dir=root, num_classes=0, use_bbox=True)
+    # by hand: 00003 (box to x=40, y=30 on 32x24) and 00005 pass the edge; 00005 is empty
+    # once clipped; the other train and test boxes lie inside their images
+    notes = [n for n in build_data(config).notes if 'bounding box' in n]
+    assert notes == ['2 of 7 bounding boxes extend past their image and are clipped to it '
+                     '(1 lies entirely outside it: the whole image is used).']
+    config.use_bbox = False
+    assert not [n for n in build_data(config).notes if 'bounding box' in n]
+
+
+def test_build_data_reports_skipped_files_without_a_log_prefix(bad_tree, caplog):
+    from test_steps import tiny_config
+    from cars_jax.data.dataset import build_data
+    config = tiny_config(data_source='folders', data_dir=bad_tree, num_classes=0,
+                         val_split='holdout')
+    with caplog.at_level('INFO'):
+        data = build_data(config)
+    assert len(data.skipped) == 3
+    assert not [r for r in caplog.records if 'Skipped' in r.getMessage()], caplog.text

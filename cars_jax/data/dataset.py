@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,10 +22,19 @@ class DataBundle:
     class_names: list[str]
     skipped: list[tuple[str, str]]    # (file, reason) of unreadable files left out
     notes: list[str]                  # what the user should know about the protocol
+    val_is_test: bool = False         # validation is the test split (val_split='test')
 
     @property
     def train_labels(self) -> np.ndarray:
         return sources.labels_of(self.train)
+
+    def describe(self) -> str:
+        """'920 train / 280 val images (validation = the test split)': what each split is."""
+        if self.val_is_test:
+            return (f'{len(self.train)} train / {len(self.val)} val images (validation = the '
+                    'test split)')
+        test = f'{len(self.test)} test images' if len(self.test) else 'images, no test split'
+        return f'{len(self.train)} train / {len(self.val)} val (held out of train) / {test}'
 
 
 class _Subset(Sequence):
@@ -83,9 +91,9 @@ def build_data(config: ml_collections.ConfigDict) -> DataBundle:
         cache = scan_cache_path(config.data_dir)
         train, bad_train = sources.scan_records(train, cache_path=cache)
         test, bad_test = sources.scan_records(test, cache_path=cache)
-        skipped = bad_train + bad_test
-        if skipped:
-            logging.warning('%s', sources.format_skipped(skipped))
+        skipped = bad_train + bad_test     # reported by the caller (train: log + JSON)
+    if config.use_bbox:
+        notes.extend(_bbox_note(list(train) + list(test)))
     if config.num_classes and config.num_classes != len(splits.class_names):
         raise DataError(
             f'--config.num_classes={config.num_classes} but {config.data_dir} has '
@@ -107,4 +115,18 @@ def build_data(config: ml_collections.ConfigDict) -> DataBundle:
         notes.append('Validation = the test split, as the seed did (model selection on test is '
                      'optimistic; use --config.val_split=holdout for an honest test number).')
     return DataBundle(train=train, val=val, test=test if config.val_split == 'holdout' else [],
-                      class_names=list(splits.class_names), skipped=skipped, notes=notes)
+                      class_names=list(splits.class_names), skipped=skipped, notes=notes,
+                      val_is_test=val is test)
+
+
+def _bbox_note(records: Sequence[Record]) -> list[str]:
+    """One line on the boxes that pass their image's edge (crop_box clips them), if any."""
+    boxed = [r for r in records if r.bbox is not None and isinstance(r.image, str)]
+    past, outside = sources.count_boxes_past_the_edge(boxed)
+    if not past:
+        return []
+    return [f'{past} of {len(boxed)} bounding boxes extend past their image and are clipped to '
+            f'it ({outside} lie{"s" if outside == 1 else ""} entirely outside it: the whole '
+            'image is used).' if outside else
+            f'{past} of {len(boxed)} bounding boxes extend past their image and are clipped to '
+            'it.']

@@ -719,6 +719,30 @@ def crop_box(width: int, height: int, bbox, margin: int = 0) -> tuple[int, int, 
     return left, top, right, bottom
 
 
+def count_boxes_past_the_edge(records: Sequence[Record], num_threads: int = 8
+                              ) -> tuple[int, int]:
+    """(boxes reaching past their image's edge, those of them lying entirely outside it) of
+    path records with a bbox; image sizes from the file headers. `crop_box` clips the first
+    kind and uses the whole image for the second, silently: this lets the caller say so.
+    Unreadable files are not counted (the bad-file scan reports them)."""
+    def status(r: Record) -> tuple[bool, bool]:
+        try:
+            with Image.open(r.image) as im:
+                w, h = im.size
+        except Exception:  # pylint: disable=broad-except
+            return False, False
+        x1, y1, x2, y2 = (float(v) for v in r.bbox)
+        x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
+        past = x1 < 0 or y1 < 0 or x2 > w or y2 > h
+        return past, x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h
+    records = [r for r in records if r.bbox is not None]
+    if not records:
+        return 0, 0
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(num_threads, len(records)))) as pool:
+        flags = list(pool.map(status, records))
+    return sum(p for p, _ in flags), sum(o for _, o in flags)
+
+
 def decode_image(record_or_image, *, bbox=None, bbox_margin: int = 0) -> np.ndarray:
     """uint8 HxWx3 RGB from a Record, a path, encoded bytes or an array.
 
