@@ -35,6 +35,7 @@ from cars_jax.config import ConfigError, incompatible_fields, validate_config
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
+from cars_jax.data.sources import format_skipped
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
 from cars_jax.mixup import mixing_mode
@@ -65,6 +66,23 @@ def console(msg: str, stream: Any = None) -> None:
             os.close(devnull)
         except (OSError, ValueError, AttributeError):   # no descriptor (a test's StringIO)
             pass
+
+
+class _FirstCallTimer:
+    """A jitted step whose first call's duration is kept: jit traces and compiles in that call
+    (before the device runs anything), so it is the compile time, which the ETA leaves out
+    (minutes on an accelerator, against seconds per steady-state epoch of a small run)."""
+
+    def __init__(self, fn: Any):
+        self.fn, self.seconds, self.called = fn, 0.0, False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.called:
+            return self.fn(*args)
+        t = time.time()
+        out = self.fn(*args)
+        self.seconds, self.called = time.time() - t, True
+        return out
 
 
 class Reporter:
@@ -239,8 +257,13 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _make_workdir(workdir: str) -> None:
-    """Creates the run directory; a one-line error with the fix when it cannot be written."""
+def _make_workdir(workdir: str) -> list[str]:
+    """Creates the run directory; a one-line error with the fix when it cannot be written.
+    Returns the folders it created, deepest first (for `_remove_if_empty`)."""
+    made, d = [], os.path.abspath(workdir)
+    while not os.path.exists(d) and os.path.dirname(d) != d:
+        made.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, '.write_test'), 'w') as f:  # os.access lies for root
@@ -249,6 +272,17 @@ def _make_workdir(workdir: str) -> None:
     except OSError as e:
         raise TrainingError(f'cannot write the run directory --workdir={workdir} ({e.strerror}: '
                             f'{e.filename}); pass a writable --workdir.') from e
+    return made
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+    """After a failed start: removes the folders `_make_workdir` created that are still
+    empty (os.rmdir never removes a folder with anything in it)."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]) -> None:
@@ -282,10 +316,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Trains (or resumes) in `workdir`; returns the final report of the best checkpoint.
 
     stop_after_steps: behave as if preempted once the global step reaches it (tests, and
-    time-boxed jobs): save, and return with report['interrupted'] = True.
+    time-boxed jobs): save, and return with report['interrupted'] = True. A start that fails
+    (bad data, ...) leaves no empty run directory behind; one that existed is kept.
     """
     validate_config(config)
-    _make_workdir(workdir)
+    made = _make_workdir(workdir)
+    try:
+        return _train_and_evaluate(config, workdir, data, stop_after_steps, quiet)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: DataBundle | None,
+                        stop_after_steps: int | None, quiet: bool) -> dict[str, Any]:
     primary = jax.process_index() == 0
     log = Reporter(workdir, quiet, primary)
     data = data if data is not None else build_data(config)
@@ -296,6 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if data.skipped and primary:
         _write_json(os.path.join(workdir, 'skipped_files.json'), data.skipped)
         log(f'Skipped {len(data.skipped)} unreadable files (list: {workdir}/skipped_files.json).')
+        for line in format_skipped(data.skipped, limit=5).splitlines()[1:]:
+            log(line)
     for note in data.notes:
         log(note)
 
@@ -324,12 +370,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             cache_dir=_cache_dir(config, workdir), name='train',
                             use_bbox=config.use_bbox, bbox_margin=config.bbox_margin, log=log)
     train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None)
+    train_fn, eval_fn = _FirstCallTimer(train_fn), _FirstCallTimer(eval_fn)
     latest_mgr, best_mgr = checkpoint_managers(workdir, config.early_stopping_metric)
     progress = Progress()
     if latest_mgr.latest_step() is not None:
         state, meta = _restore_resumable(latest_mgr, state, workdir, log)
         progress = Progress(**meta['progress'])
-        log(f'Resumed from {workdir} at step {_step(state)} (epoch {progress.epoch + 1}).')
+        stopped_early = progress.epoch < config.num_epochs
+        if progress.finished and not (stopped_early and progress.bad_epochs < config.patience):
+            log(_finished_message(workdir, progress, config, stopped_early))
+        else:
+            log(f'Resumed from {workdir} at step {_step(state)} (epoch {progress.epoch + 1}).')
         if (progress.finished and progress.epoch < config.num_epochs
                 and progress.bad_epochs < config.patience):
             # Stopped early under a smaller patience: the same trajectory goes on from there.
@@ -340,8 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     history_path = os.path.join(workdir, 'metrics.jsonl')
     history = _read_history(history_path, upto_epoch=progress.epoch, rewrite=primary)
 
-    log(f'cars_jax: {num_classes} classes, {len(data.train)} train / {len(data.val)} val / '
-        f'{len(data.test)} test images; {steps_per_epoch} steps/epoch x {config.num_epochs} '
+    log(f'cars_jax: {num_classes} classes, {data.describe()}; '
+        f'{steps_per_epoch} steps/epoch x {config.num_epochs} '
         f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}, '
         f'augmentation on the {"device (decode-once cache)" if on_device else "host (per image)"}. '
         f'Train accuracy is measured on augmented images against the original labels, '
@@ -378,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             sums = dict(progress.epoch_sums) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
                                                  'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
             sums.setdefault('data_wait', 0.0)
-            t_epoch = time.time()
+            t_epoch, compiled_before = time.time(), train_fn.seconds
             step_in_epoch = _step(state) - epoch * steps_per_epoch
             first_step_in_epoch = step_in_epoch  # > 0 when resumed mid-epoch
             t_ready = time.time()
@@ -403,7 +454,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 progress.iterator, progress.epoch_sums = it.get_state(), sums
                 if step_in_epoch % config.log_every_steps == 0 and step_in_epoch < steps_per_epoch:
                     rate = ((step_in_epoch - first_step_in_epoch) * config.batch_size
-                            / max(time.time() - t_epoch, 1e-9))
+                            / max(time.time() - t_epoch - (train_fn.seconds - compiled_before),
+                                  1e-9))
                     eta = (steps_per_epoch - step_in_epoch) * config.batch_size / rate
                     log(f'  epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} '
                         f'loss {sums["loss"] / sums["n"]:.4f} lr {float(m["lr"]):.2e} '
@@ -454,7 +506,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     f.write(json.dumps(record) + '\n')
                 plot_curves(history, os.path.join(workdir, 'curves.png'))
             done_steps = _step(state) - run_start_step
-            rate = done_steps / max(time.time() - run_start, 1e-9)
+            rate = done_steps / max(time.time() - run_start - train_fn.seconds
+                                    - eval_fn.seconds, 1e-9)   # steady state: no compile
             eta = (total_steps - _step(state)) / rate if rate > 0 else 0.0
             log(f'Epoch {epoch + 1}/{config.num_epochs} | train loss {record["train_loss"]:.4f} '
                 f'acc {record["train_accuracy"]:.3f} | val loss {val["loss"]:.4f} '
@@ -485,6 +538,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     latest_mgr.close()
     best_mgr.close()
     return report
+
+
+def _finished_message(workdir: str, progress: Progress, config: ml_collections.ConfigDict,
+                      stopped_early: bool) -> str:
+    """What a rerun of a finished run does (report it again) and how to go further."""
+    how = (f' (stopped early: no improvement for {progress.bad_epochs} epochs; a larger '
+           '--config.patience continues it)' if stopped_early else '')
+    return (f'{workdir} holds a finished run ({progress.epoch} of {config.num_epochs} epochs)'
+            f'{how}: nothing to train, its best checkpoint is reported again. To evaluate it: '
+            f'python main.py --mode=eval --workdir={workdir}. To train longer, use a new '
+            '--workdir with a larger --config.num_epochs (the one-cycle schedule spans '
+            'num_epochs).')
 
 
 def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eval_fn, best_mgr,

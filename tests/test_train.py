@@ -222,3 +222,75 @@ def test_checkpoint_every_steps_saves_mid_epoch(data_dir, tmp_path, monkeypatch)
     # mid-epoch saves (with an iterator position) at steps 2 and 4; epoch ends at 3 and 6
     assert (2, True) in saved and (4, True) in saved
     assert (3, False) in saved and (6, False) in saved
+
+
+def _log(workdir):
+    return open(os.path.join(workdir, 'log.txt')).read()
+
+
+def test_the_start_line_names_the_splits_and_a_finished_run_says_so(data_dir, tmp_path):
+    c = run_config(data_dir)
+    train_and_evaluate(c, str(tmp_path), quiet=True)
+    # make_folders: 10 + 6 + 4 train images, 3 x 3 test images (the validation split here)
+    assert '20 train / 9 val images (validation = the test split);' in _log(tmp_path)
+    assert ' test images' not in _log(tmp_path)
+    before = _log(tmp_path)
+    train_and_evaluate(c, str(tmp_path), quiet=True)
+    again = _log(tmp_path)[len(before):]
+    assert 'Resumed' not in again and 'Epoch ' not in again, again
+    assert f'{tmp_path} holds a finished run (2 of 2 epochs)' in again
+    assert '--mode=eval' in again and '--config.num_epochs' in again
+    # holdout: 20% of each class of train (2 + 1 + 1) validates, the test split is kept
+    holdout = tmp_path / 'holdout'
+    train_and_evaluate(run_config(data_dir, val_split='holdout'), str(holdout),
+                       stop_after_steps=1, quiet=True)
+    assert '16 train / 4 val (held out of train) / 9 test images;' in _log(holdout)
+
+
+def test_the_eta_leaves_out_compile_time(data_dir, tmp_path, monkeypatch):
+    """A first step that takes 4 s longer (as a slow compile does) must not make the ETA of
+    the 3 remaining ~10 ms steps (and a validation) read seconds."""
+    import time
+    from cars_jax import train as T
+    real = T.make_steps
+
+    def slow_first_call(*a, **kw):
+        train_fn, eval_fn = real(*a, **kw)
+        calls = []
+
+        def fn(*args):
+            if not calls:
+                calls.append(1)
+                time.sleep(4)
+            return train_fn(*args)
+        return fn, eval_fn
+    monkeypatch.setattr(T, 'make_steps', slow_first_call)
+    train_and_evaluate(run_config(data_dir), str(tmp_path), quiet=True)
+    eta = [l.split('ETA ')[1][:7] for l in _log(tmp_path).splitlines() if l.startswith('Epoch 1/')]
+    h, m, s = (int(x) for x in eta[0].split(':'))
+    assert h * 3600 + m * 60 + s <= 1, eta
+
+
+def test_a_failed_start_removes_the_empty_workdir_it_made(tmp_path):
+    from cars_jax.data.sources import DataError
+    c = run_config(tmp_path / 'no_data_here')
+    new = tmp_path / 'runs' / 'new'
+    with pytest.raises(DataError):
+        train_and_evaluate(c, str(new), quiet=True)
+    assert not (tmp_path / 'runs').exists()
+    existing = tmp_path / 'existing'
+    existing.mkdir()
+    with pytest.raises(DataError):
+        train_and_evaluate(c, str(existing), quiet=True)
+    assert existing.is_dir()
+
+
+def test_skipped_files_are_listed_as_plain_lines(tmp_path):
+    import fixtures
+    data = make_folders(tmp_path / 'data')
+    fixtures.make_bad_image_folder(str(data / 'train' / 'class_0'))
+    train_and_evaluate(run_config(data), str(tmp_path / 'run'), stop_after_steps=1, quiet=True)
+    lines = _log(tmp_path / 'run').splitlines()
+    i = lines.index(f'Skipped 3 unreadable files (list: {tmp_path}/run/skipped_files.json).')
+    assert sorted(l.split(':')[0] for l in lines[i + 1:i + 4]) == sorted(
+        f'  {os.path.join("train", "class_0", n)}' for n in fixtures.BAD_FOLDER_UNREADABLE)
