@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cars_jax.metrics import shorten_name
 from cars_jax.model import ResNet
 
 PERTURBABLE = ('stage1', 'stage2', 'stage3', 'stage4')   # the stages with `self.perturb`
@@ -197,9 +198,8 @@ def overlay(image_rgb01: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.
 
 
 def shorten(name: str, max_chars: int = 26) -> str:
-    """Cut a long class name to max_chars, marking the cut with an ellipsis."""
-    name = str(name)
-    return name if len(name) <= max_chars else name[:max_chars - 1].rstrip() + '\u2026'
+    """Cut a long class name to max_chars from the middle (`metrics.shorten_name`)."""
+    return shorten_name(name, max_chars)
 
 
 def _wrap(name: str, width: int = 30) -> str:

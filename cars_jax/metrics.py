@@ -155,8 +155,41 @@ def read_per_class_csv(path: str) -> list[dict[str, Any]]:
                  **{c: float(r[c]) for c in CSV_COLUMNS[3:]}} for r in csv.DictReader(f)]
 
 
-def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else name[:width - 1] + '…'
+def shorten_name(name: str, width: int = 40) -> str:
+    """A class name cut to `width` characters from the middle: Stanford Cars names differ at
+    the end ('Chevrolet Silverado 2500HD Regular Cab 2012' vs '... 2007'), so the make (first
+    word) and the last word are always kept, then the model (second word), then words from
+    the end and then from the start while they fit; ' …' marks the one gap. A name whose
+    first and last words alone do not fit keeps both ends of its characters."""
+    name = ' '.join(str(name).split())
+    if len(name) <= width:
+        return name
+    words = name.split(' ')
+    n = len(words)
+
+    def text(keep: set[int]) -> str:
+        out, last = [], -1
+        for i in sorted(keep):
+            if out and i != last + 1:
+                out.append('…')
+            out.append(words[i])
+            last = i
+        return ' '.join(out)
+
+    keep = {0, n - 1}
+    if n > 1 and len(text(keep)) <= width:
+        if len(text(keep | {1})) <= width:
+            keep.add(1)
+        for order in (range(n - 2, 0, -1), range(1, n - 1)):   # from the end, then the start
+            for i in order:
+                if i in keep:
+                    continue
+                if len(text(keep | {i})) > width:
+                    break
+                keep.add(i)
+        return text(keep)
+    tail = (width - 1) // 2
+    return name[:width - 1 - tail].rstrip() + '…' + name[len(name) - tail:].lstrip()
 
 
 def format_report(report: dict[str, Any], max_rows: int = 10) -> str:
@@ -181,11 +214,11 @@ def format_report(report: dict[str, Any], max_rows: int = 10) -> str:
         lines += ['', f'worst {len(worst)} classes by F1:',
                   f'{"class":>6s}  {"name":40s}{"support":>8s}{"prec":>8s}{"recall":>8s}'
                   f'{"f1":>8s}']
-        lines += [f'{r["class"]:6d}  {_short(r["name"]):40s}{r["support"]:8d}'
+        lines += [f'{r["class"]:6d}  {shorten_name(r["name"]):40s}{r["support"]:8d}'
                   f'{r["precision"]:8.3f}{r["recall"]:8.3f}{r["f1"]:8.3f}' for r in worst]
     pairs = report['most_confused'][:max_rows]
     if pairs:
         lines += ['', f'most confused pairs (true -> predicted), top {len(pairs)}:']
-        lines += [f'{p["count"]:6d}  {p["true"]:4d} {_short(p["true_name"], 34)}  ->  '
-                  f'{p["pred"]:4d} {_short(p["pred_name"], 34)}' for p in pairs]
+        lines += [f'{p["count"]:6d}  {p["true"]:4d} {shorten_name(p["true_name"], 34)}  ->  '
+                  f'{p["pred"]:4d} {shorten_name(p["pred_name"], 34)}' for p in pairs]
     return '\n'.join(lines)

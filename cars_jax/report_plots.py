@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from cars_jax.metrics import shorten_name  # noqa: E402
+
 ANNOTATE_MAX = 15   # annotate cell values in the zoom panel up to this many classes
 NAME_WIDTH = 30
 
@@ -52,7 +54,7 @@ def _tick_step(k: int, max_ticks: int = 20) -> int:
 
 
 def _short(name: str, width: int = NAME_WIDTH) -> str:
-    return name if len(name) <= width else name[:width - 1] + '…'
+    return shorten_name(name, width)
 
 
 def worst_recall_classes(cm: np.ndarray, n: int) -> np.ndarray:

@@ -287,7 +287,8 @@ def test_plot_gradcam_grid_writes_png(tmp_path):
     with open(path, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert os.listdir(tmp_path / 'sub') == ['gradcam.png']
-    assert G.shorten('x' * 80).endswith('\u2026') and len(G.shorten('x' * 80)) == 26
+    assert G.shorten('x' * 80) == 'x' * 13 + '\u2026' + 'x' * 12     # both ends kept
+    assert G.shorten('Chevrolet Silverado 2500HD Regular Cab 2012') == 'Chevrolet Silverado … 2012'
     assert G.shorten('Audi A4') == 'Audi A4'
 
 

@@ -252,3 +252,48 @@ def test_plots_3_classes_and_absent_class(tmp_path):
     report_plots.plot_confusion_matrix(cm4, NAMES + ['empty'], str(tmp_path / 'cm4.png'),
                                        worst=2)
     _png_ok(str(tmp_path / 'cm4.png'))
+
+
+SILVERADO = ['Chevrolet Silverado 2500HD Regular Cab 2012',
+             'Chevrolet Silverado 2500HD Regular Cab 2007', 'Audi A4']
+
+
+@pytest.mark.parametrize('name,width,short', [
+    # by hand: the make and the last word always; then the model (2nd word); then words
+    # from the right end, then from the left, while the result (with ' …' at the gap) fits
+    (SILVERADO[0], 30, 'Chevrolet Silverado … Cab 2012'),
+    (SILVERADO[1], 30, 'Chevrolet Silverado … Cab 2007'),
+    (SILVERADO[0], 20, 'Chevrolet … Cab 2012'),
+    (SILVERADO[0], 43, SILVERADO[0]),
+    ('Mercedes-Benz Sprinter Van 2012', 26, 'Mercedes-Benz … Van 2012'),
+    ('Audi A4', 30, 'Audi A4'),
+    ('x' * 40, 11, 'xxxxx…xxxxx'),                     # one long word: both of its ends
+])
+def test_shorten_name_keeps_the_make_and_the_distinguishing_end(name, width, short):
+    assert metrics.shorten_name(name, width) == short
+    assert len(short) <= width
+
+
+def _tick_labels(monkeypatch):
+    from matplotlib.figure import Figure
+    seen = []
+    real = Figure.savefig
+
+    def savefig(fig, *a, **kw):
+        for ax in fig.axes:
+            seen.extend(t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels())
+        return real(fig, *a, **kw)
+    monkeypatch.setattr(Figure, 'savefig', savefig)
+    return seen
+
+
+def test_chart_labels_keep_what_tells_classes_apart(tmp_path, monkeypatch):
+    labels, preds = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 0, 2])
+    report = metrics.classification_report(labels, preds, 3, SILVERADO)
+    seen = _tick_labels(monkeypatch)
+    report_plots.plot_per_class_accuracy(report, str(tmp_path / 'acc.png'))
+    assert {'0 Chevrolet … Cab 2012', '1 Chevrolet … Cab 2007'} <= set(seen), seen
+    seen.clear()
+    report_plots.plot_confusion_matrix(metrics.confusion_matrix(labels, preds, 3), SILVERADO,
+                                       str(tmp_path / 'cm.png'))
+    assert {'0 Chevrolet Silverado … Cab 2012', '1 Chevrolet Silverado … Cab 2007'} <= set(seen)
