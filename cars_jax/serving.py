@@ -130,6 +130,8 @@ class Predictor:
                     raise ValueError(f'float images are taken as preprocessed model inputs of '
                                      f'shape {shape}, got {im.shape}; pass uint8 images to '
                                      'have them resized and normalised')
+                if not np.all(np.isfinite(im)):
+                    raise ValueError('preprocessed float images must be finite (no NaN/inf)')
                 out.append(im.astype(np.float32))
             else:
                 raise ValueError(f'images must be uint8 (raw) or float (preprocessed), '
@@ -156,7 +158,20 @@ class Predictor:
         return np.concatenate(chunks)
 
     def top_k(self, images: Any, k: int = 5) -> list[list[tuple[str, float]]]:
-        """For each image, its k most probable (class name, probability), best first."""
+        """For each image, its k most probable (class name, probability), best first.
+
+        images: one image, an (N, H, W, 3) batch array or a list of images, each either
+          - raw: uint8 RGB (H, W, 3) or grey (H, W), values 0..255, any size: resized and
+            normalised as in evaluation (`preprocess`); or
+          - preprocessed: float32 (S, S, 3) with S = `image_size`, already normalised with
+            `mean` / `std` (so roughly -2..2.6, not 0..1: a float image in [0, 1] must be
+            given as uint8 instead).
+        k: an integer >= 1; a k above the number of classes lists every class.
+        Raises ValueError naming the problem (bad k, dtype, shape, non-finite values).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f'k must be an integer >= 1 (the classes listed per image), '
+                             f'got {k!r}')
         probs = self.predict(images)
         order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
         return [[(self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]

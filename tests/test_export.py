@@ -126,6 +126,14 @@ def test_in_process_loader_and_errors(net, exports):
         p.predict(np.zeros((2, 20, 20, 3), np.float32))
     with pytest.raises(ValueError, match='uint8'):
         p.predict(np.zeros((1, SIZE, SIZE, 3), np.int32))
+    raw = np.full((20, 30, 3), 128, np.uint8)
+    assert [len(rows) for rows in p.top_k([raw, raw], 2)] == [2, 2]
+    assert len(p.top_k(raw, 99)[0]) == len(CLASSES)             # every class, best first
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r'k must be an integer >= 1'):
+            p.top_k(raw, bad)
+    with pytest.raises(ValueError, match='finite'):
+        p.top_k(np.full((SIZE, SIZE, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match='class names'):
         export.export_model(variables, model, CLASSES[:2], CFG, str(sym) + '_x', SIZE)
     with pytest.raises(ValueError, match='image_size'):
