@@ -83,6 +83,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('cutmix_alpha', cutmix_alpha, 'must be a finite number >= 0 (0: no CutMix)')
     if not isinstance(cutmix_share, (int, float)) or not 0 <= cutmix_share <= 1:
         _fail('cutmix_share', cutmix_share, 'must be a number in [0, 1]')
+    if not isinstance(saved_value(config, 'tensorboard'), bool):
+        _fail('tensorboard', config.tensorboard, 'must be True or False')
     if not 0 < config.pct_start < 1:
         _fail('pct_start', config.pct_start, 'must be in (0, 1)')
     if config.val_split == 'holdout' and not 0 < config.val_fraction < 1:
@@ -116,7 +118,7 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
 # Values of fields added after runs were made: a saved config without them used these.
 _ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
                          'zero_init_last_bn': False, 'ema_decay': 0.0, 'cutmix_alpha': 0.0,
-                         'cutmix_share': 0.5}
+                         'cutmix_share': 0.5, 'tensorboard': True}
 
 
 def saved_value(saved: Any, key: str) -> Any:

@@ -31,7 +31,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
 
-from cars_jax.config import ConfigError, incompatible_fields, validate_config
+from cars_jax.config import ConfigError, incompatible_fields, saved_value, validate_config
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
@@ -40,6 +40,7 @@ from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_c
 from cars_jax.evaluate import evaluate, full_report
 from cars_jax.mixup import mixing_mode
 from cars_jax.plots import plot_curves
+from cars_jax.tensorboard import open_run_writer
 from cars_jax.data.cache import build_cache, cache_size_for
 from cars_jax.distributed import global_batch, host_local, replicate
 from cars_jax.steps import (TrainState, augment_on_device, create_train_state, data_parallel_mesh,
@@ -390,6 +391,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: D
                 f'continues to epoch {config.num_epochs}.')
     history_path = os.path.join(workdir, 'metrics.jsonl')
     history = _read_history(history_path, upto_epoch=progress.epoch, rewrite=primary)
+    tb = open_run_writer(primary and saved_value(config, 'tensorboard'), workdir, _step(state))
 
     log(f'cars_jax: {num_classes} classes, {data.describe()}; '
         f'{steps_per_epoch} steps/epoch x {config.num_epochs} '
@@ -408,7 +410,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: D
     stopper = _StopSignal()
     interrupted = False
     run_start, run_start_step = time.time(), _step(state)
-    with stopper.installed(), _closed_on_error(latest_mgr, best_mgr):
+    with stopper.installed(), _closed_on_error(latest_mgr, best_mgr, tb):
         while not progress.finished and progress.epoch < config.num_epochs:
             epoch = progress.epoch
             if cache is not None:
@@ -450,6 +452,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: D
                 sums['mixed'] += float(m['mixed'])
                 sums['unmixed_correct'] += float(m['accuracy']) * (1 - float(m['mixed']))
                 sums['n'] += 1
+                tb.step(step + 1, float(m['loss']), float(m['lr']))
                 step_in_epoch += 1
                 progress.iterator, progress.epoch_sums = it.get_state(), sums
                 if step_in_epoch % config.log_every_steps == 0 and step_in_epoch < steps_per_epoch:
@@ -505,6 +508,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: D
                 with open(history_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
                 plot_curves(history, os.path.join(workdir, 'curves.png'))
+                tb.epoch(record, os.path.join(workdir, 'curves.png'))
             done_steps = _step(state) - run_start_step
             rate = done_steps / max(time.time() - run_start - train_fn.seconds
                                     - eval_fn.seconds, 1e-9)   # steady state: no compile
@@ -532,9 +536,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: D
     if interrupted:
         latest_mgr.close()
         best_mgr.close()
+        tb.close()
         return {'interrupted': True, 'step': _step(state)}
 
     report = _final_report(config, workdir, data, state, eval_fn, best_mgr, history, log, mesh)
+    tb.final(report, os.path.join(workdir, 'eval'), _step(state))
+    tb.close()
     latest_mgr.close()
     best_mgr.close()
     return report

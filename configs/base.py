@@ -95,4 +95,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0   # also save a resume checkpoint every N steps (0: per epoch only)
     c.max_steps_per_epoch = 0      # >0: cut epochs short (smoke tests)
     c.log_every_steps = 50         # progress line within an epoch
+    c.tensorboard = True           # also write TensorBoard event files (workdir/tensorboard; no TensorFlow)
     return c
