@@ -25,7 +25,7 @@ from cars_jax import gradcam as gc
 from cars_jax import metrics, report_plots
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
-from cars_jax.data.sources import DataError, Record, decode_image
+from cars_jax.data.sources import DataError, Record, decode_image, format_skipped
 from cars_jax.distributed import global_batch, host_local
 from cars_jax.model import build_model, stage_map_sizes
 from cars_jax.steps import TrainState, create_train_state, inference_variables, predict_step
@@ -367,6 +367,8 @@ def run_eval(workdir: str, log: Callable[[str], None] = print, init_from: str | 
     if data.class_names != class_names:
         raise DataError(f'the classes under {config.data_dir} differ from those {workdir} was '
                         'trained on.')
+    if data.skipped:
+        log(format_skipped(data.skipped, limit=5))
     log(f'Evaluating {init_from}.' if init_from else
         f'Best checkpoint: epoch {meta["progress"]["best_epoch"] + 1}.')
     return full_report(state, data, config, os.path.join(workdir, 'eval'), log)

@@ -289,8 +289,15 @@ def test_skipped_files_are_listed_as_plain_lines(tmp_path):
     import fixtures
     data = make_folders(tmp_path / 'data')
     fixtures.make_bad_image_folder(str(data / 'train' / 'class_0'))
-    train_and_evaluate(run_config(data), str(tmp_path / 'run'), stop_after_steps=1, quiet=True)
+    train_and_evaluate(run_config(data), str(tmp_path / 'run'), quiet=True)
     lines = _log(tmp_path / 'run').splitlines()
     i = lines.index(f'Skipped 3 unreadable files (list: {tmp_path}/run/skipped_files.json).')
-    assert sorted(l.split(':')[0] for l in lines[i + 1:i + 4]) == sorted(
-        f'  {os.path.join("train", "class_0", n)}' for n in fixtures.BAD_FOLDER_UNREADABLE)
+    expected = sorted(f'  {os.path.join("train", "class_0", n)}'
+                      for n in fixtures.BAD_FOLDER_UNREADABLE)
+    assert sorted(l.split(':')[0] for l in lines[i + 1:i + 4]) == expected
+    from cars_jax.evaluate import run_eval     # --mode=eval reports them too, as plain lines
+    said = []
+    run_eval(str(tmp_path / 'run'), log=said.append)
+    lines = said[0].splitlines()
+    assert lines[0] == 'Skipped 3 unreadable files (left out of the data):'
+    assert sorted(l.split(':')[0] for l in lines[1:]) == expected
