@@ -103,8 +103,10 @@ def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_clas
         if step is None:
             raise FileNotFoundError(f'no best checkpoint in {workdir}/checkpoints/best yet '
                                     '(it is written after the first epoch).')
+        # The schedule is not in the saved tree: any length that builds one gives the template
+        # (steps_per_epoch=1 broke for 1-epoch runs: a one-cycle needs 2 steps or more).
         template = create_train_state(config, jax.random.PRNGKey(0), num_classes,
-                                      steps_per_epoch=1)
+                                      steps_per_epoch=2)
         return restore_checkpoint(best_mgr, template, step)
     finally:
         latest_mgr.close()

@@ -237,6 +237,18 @@ def test_replacing_a_checkpoint_never_leaves_a_torn_step(demo_dir, tmp_path, mon
     assert sorted(os.listdir(tmp_path / 'checkpoints' / 'latest')) == ['3']
 
 
+def test_eval_mode_reads_a_one_epoch_run(demo_dir, tmp_path):
+    """--mode=eval rebuilds the state around the best checkpoint; a 1-epoch run (a one-cycle of
+    a few steps) must not make that template's schedule invalid."""
+    workdir = tmp_path / 'one'
+    r = run_main(*TINY, '--config.num_epochs=1', f'--config.data_dir={demo_dir}',
+                 f'--workdir={workdir}')
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_main('--mode=eval', f'--workdir={workdir}')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'top-1' in r.stdout
+
+
 # ---- 2. Ctrl-C and SIGTERM -----------------------------------------------------------------
 
 @pytest.mark.parametrize('sig,name', [(signal.SIGINT, 'Ctrl-C'), (signal.SIGTERM, 'SIGTERM')])
