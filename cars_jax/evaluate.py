@@ -25,12 +25,12 @@ from cars_jax import gradcam as gc
 from cars_jax import metrics, report_plots
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
-from cars_jax.data.sources import DataError, Record, decode_image, format_skipped
+from cars_jax.data.sources import (IMAGE_EXTENSIONS, DataError, Record, decode_image,
+                                   format_skipped)
 from cars_jax.distributed import global_batch, host_local
+from cars_jax.fileio import atomic_write_text
 from cars_jax.model import build_model, stage_map_sizes
 from cars_jax.steps import TrainState, create_train_state, inference_variables, predict_step
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
 def _eval_batches(records: Sequence[Record], config: ml_collections.ConfigDict,
@@ -286,17 +286,19 @@ def predict_paths(state: TrainState, paths: Sequence[str], class_names: list[str
             rows.append({'path': ok[start + j],
                          'top': [(int(c), class_names[int(c)], float(p[c])) for c in top]})
     if csv_path:
-        tmp = csv_path + '.tmp'
-        with open(tmp, 'w', newline='', encoding='utf-8') as f:
-            w = csv.writer(f)
-            w.writerow(['path', 'rank', 'class', 'name', 'probability'])
-            for r in rows:
-                for rank, (c, name, prob) in enumerate(r['top'], 1):
-                    w.writerow([r['path'], rank, c, name, f'{prob:.6f}'])
-            for p, reason in bad:
-                w.writerow([p, '', '', f'UNREADABLE: {reason}', ''])
-        os.replace(tmp, csv_path)
+        atomic_write_text(csv_path, lambda f: _write_predictions(f, rows, bad), newline='',
+                          encoding='utf-8')
     return rows, bad
+
+
+def _write_predictions(f, rows: list[dict], bad: list[tuple[str, str]]) -> None:
+    w = csv.writer(f)
+    w.writerow(['path', 'rank', 'class', 'name', 'probability'])
+    for r in rows:
+        for rank, (c, name, prob) in enumerate(r['top'], 1):
+            w.writerow([r['path'], rank, c, name, f'{prob:.6f}'])
+    for p, reason in bad:
+        w.writerow([p, '', '', f'UNREADABLE: {reason}', ''])
 
 
 # ---- the CLI modes ---------------------------------------------------------------------------

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cars_jax import serving
+from cars_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from cars_jax.model import ResNet
 
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def _setting(config_like: Any, name: str, default: Any = None) -> Any:
@@ -72,8 +71,8 @@ def export_model(variables: Mapping, model: ResNet, class_names: Sequence[str],
                          f'got {eval_resize!r}')
     if batch_size is not None and batch_size < 1:
         raise ValueError(f'batch_size must be >= 1 or None, got {batch_size}')
-    mean = [float(v) for v in _setting(config_like, 'mean', DEFAULT_MEAN)]
-    std = [float(v) for v in _setting(config_like, 'std', DEFAULT_STD)]
+    mean = [float(v) for v in _setting(config_like, 'mean', IMAGENET_MEAN)]
+    std = [float(v) for v in _setting(config_like, 'std', IMAGENET_STD)]
 
     batch = jax.export.symbolic_shape('b')[0] if batch_size is None else batch_size
     spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)

@@ -26,7 +26,6 @@ side (matplotlib Agg), given images already de-normalised with
 """
 from __future__ import annotations
 
-import os
 import textwrap
 from typing import Callable, Sequence
 
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cars_jax.fileio import save_figure_atomic
 from cars_jax.metrics import shorten_name
 from cars_jax.model import ResNet
 
@@ -216,7 +216,7 @@ def plot_gradcam_grid(images_rgb01: np.ndarray, cams: np.ndarray,
     """A grid of overlays, each titled 'pred (93%): NAME\\ntrue: NAME', green when the
     prediction is right and red when wrong. true_names None (unlabelled images): titled
     'CAPTION\\npred (93%): NAME' in black, the caption being e.g. the file name. Written
-    atomically (tmp + os.replace) as PNG."""
+    atomically as PNG."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -243,11 +243,4 @@ def plot_gradcam_grid(images_rgb01: np.ndarray, cams: np.ndarray,
                          color='green' if correct else 'red', fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + '.tmp.png'
-    try:
-        fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=80, fmt='png')

@@ -9,10 +9,11 @@ the report can be dumped to JSON as is.
 from __future__ import annotations
 
 import csv
-import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from cars_jax.fileio import atomic_write_text
 
 CSV_COLUMNS = ('class', 'name', 'support', 'precision', 'recall', 'f1', 'accuracy')
 MOST_CONFUSED = 20
@@ -136,16 +137,16 @@ def classification_report(labels: np.ndarray, probs_or_preds: np.ndarray, num_cl
 
 
 def write_per_class_csv(report: dict[str, Any], path: str) -> None:
-    """One row per class, by class index; written atomically (tmp + os.replace)."""
+    """One row per class, by class index; written atomically."""
     rows = sorted(report['per_class'], key=lambda r: r['class'])
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+
+    def write(f) -> None:
         writer = csv.writer(f, quoting=csv.QUOTE_MINIMAL)
         writer.writerow(CSV_COLUMNS)
         for r in rows:
             writer.writerow([r['class'], r['name'], r['support']] +
                             [f'{r[c]:.6f}' for c in CSV_COLUMNS[3:]])
-    os.replace(tmp, path)
+    atomic_write_text(path, write, newline='', encoding='utf-8')
 
 
 def read_per_class_csv(path: str) -> list[dict[str, Any]]:

@@ -1,12 +1,12 @@
 """Training curves, redrawn from metrics.jsonl each epoch (the side-effecting edge)."""
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+
+from cars_jax.fileio import save_figure_atomic  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: str) -> None:
@@ -35,7 +35,4 @@ def plot_curves(history: list[dict], path: str) -> None:
         ax.set_xlabel('epoch')
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=80, fmt='png')

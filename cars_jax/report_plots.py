@@ -8,7 +8,6 @@ lowest recall, with names.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 import matplotlib
@@ -18,25 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from cars_jax.fileio import save_figure_atomic  # noqa: E402
 from cars_jax.metrics import shorten_name  # noqa: E402
 
 ANNOTATE_MAX = 15   # annotate cell values in the zoom panel up to this many classes
 NAME_WIDTH = 30
-
-
-def _save_atomic(fig: Any, path: str, dpi: int) -> None:
-    """savefig to a temporary file next to `path`, then rename: readers never see half a PNG."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fmt = os.path.splitext(path)[1][1:].lower() or 'png'
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        fig.savefig(tmp, dpi=dpi, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def row_normalise(cm: np.ndarray) -> np.ndarray:
@@ -136,7 +121,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str,
     else:
         ax1.set_axis_off()
         ax1.set_title('no class has samples', fontsize=10)
-    _save_atomic(fig, path, dpi=90)
+    save_figure_atomic(fig, path, dpi=90)
 
 
 def plot_per_class_accuracy(report: dict[str, Any], path: str) -> None:
@@ -176,4 +161,4 @@ def plot_per_class_accuracy(report: dict[str, Any], path: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
-    _save_atomic(fig, path, dpi=90)
+    save_figure_atomic(fig, path, dpi=90)

@@ -48,6 +48,10 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 EVAL_RESIZE_MODES = ('squash', 'center_crop')
 
+# Normalize(ImageNet): the channel mean and std every image is normalised with by default.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 Box = Tuple[int, int, int, int]  # (top, left, height, width), torchvision's (i, j, h, w)
 
 
@@ -92,8 +96,8 @@ class AugmentConfig:
     blur_kernel: int = 3
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
     grayscale_prob: float = 0.1
-    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
     erasing_prob: float = 0.3
     erasing_scale: Tuple[float, float] = (0.02, 0.33)
     erasing_ratio: Tuple[float, float] = (0.3, 3.3)

@@ -30,6 +30,7 @@ from PIL import Image
 
 from cars_jax.data.augment import resize
 from cars_jax.data.sources import Record, _pil_to_rgb, decode_image
+from cars_jax.fileio import atomic_write, write_json_atomic
 
 _VERSION = 1
 
@@ -154,17 +155,19 @@ def build_cache(records: Sequence[Record], size: int, *, cache_dir: str | None =
     t0 = time.time()
     log(f'Decoding the {n} {name} images once to {size}x{size} uint8 '
         f'({n * size * size * 3 / 2**30:.2f} GiB) in {path} ...')
-    tmp = base + f'.tmp{os.getpid()}.npy'
-    images = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(n, size, size, 3))
     orig_hw = np.zeros((n, 2), np.int32)
-    replaced = _decode_all(records, size, images, orig_hw, use_bbox=use_bbox,
-                           bbox_margin=bbox_margin, num_threads=threads, log=log)
-    images.flush()
-    del images
-    os.replace(tmp, path)
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump({'fingerprint': fp, 'orig_hw': orig_hw.tolist(), 'replaced': replaced}, f)
-    os.replace(meta_path + '.tmp', meta_path)
+
+    def decode_to(tmp: str) -> int:
+        images = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
+                                           shape=(n, size, size, 3))
+        replaced = _decode_all(records, size, images, orig_hw, use_bbox=use_bbox,
+                               bbox_margin=bbox_margin, num_threads=threads, log=log)
+        images.flush()
+        del images
+        return replaced
+    replaced = atomic_write(path, decode_to)
+    write_json_atomic(meta_path, {'fingerprint': fp, 'orig_hw': orig_hw.tolist(),
+                                  'replaced': replaced})
     log(f'Decoded {n} images in {time.time() - t0:.1f}s'
         + (f' ({replaced} unreadable, replaced by neighbours)' if replaced else '') + '.')
     return DecodedCache(np.load(path, mmap_mode='r'), orig_hw, path)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from cars_jax.data.sources import DataError, decode_image, load_devkit
+from cars_jax.fileio import atomic_write
 
 LANDSCAPE = (128, 96)           # (width, height) of the development copy
 QUALITY = 90                    # JPEG quality of the re-encoded images
@@ -37,9 +38,8 @@ def _write_one(src: str, dst: str, landscape: tuple[int, int], quality: int) -> 
     pixels = decode_image(src)                      # any mode -> RGB, as training reads it
     h, w = pixels.shape[:2]
     image = Image.fromarray(pixels).resize(lowres_size(w, h, landscape), Image.BILINEAR)
-    tmp = dst + '.tmp'
-    image.save(tmp, format='JPEG', quality=quality)
-    os.replace(tmp, dst)                            # a killed run never leaves half a JPEG
+    # a killed run never leaves half a JPEG
+    atomic_write(dst, lambda tmp: image.save(tmp, format='JPEG', quality=quality))
 
 
 def make_lowres_copy(src: str, dst: str, *, landscape: tuple[int, int] = LANDSCAPE,

@@ -22,10 +22,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 import numpy as np
 from PIL import Image
+
+from cars_jax.fileio import write_json_atomic
 
 __all__ = [
     'DataError', 'ImageDecodeError', 'Record', 'Splits', 'IMAGE_EXTENSIONS',
@@ -797,19 +798,11 @@ def _load_cache(cache_path: str) -> dict:
 
 
 def _save_cache(cache_path: str, files: dict) -> None:
-    d = os.path.dirname(os.path.abspath(cache_path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.scan_cache.', dir=d)
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump({'version': _CACHE_VERSION, 'files': files}, f)
-        os.replace(tmp, cache_path)
+        write_json_atomic(cache_path, {'version': _CACHE_VERSION, 'files': files})
     except OSError as e:
         logging.warning('Could not write the scan cache %s: %s', cache_path, e)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def scan_records(records: Sequence[Record], *, cache_path: str | None = None,
