@@ -21,9 +21,9 @@ What comes from the config (`--config.NAME=VALUE` overrides work as for main.py)
             uses, so the 80/20 holdout split is the same one, record for record.
   transforms image_size and the augmentation fields, through torchvision's transforms when
             torchvision is importable (the notebook's Compose, verbatim), else through
-            cars_jax's numpy/PIL port of them (cars_jax.bench_torch.SeedTransformDataset);
+            cars_jax's numpy/PIL port of them (benchmarks/seed_torch.py SeedTransformDataset);
             evaluation: squash resize to image_size^2 + normalise (eval_resize).
-  model     the notebook's VehicleResNet (cars_jax.bench_torch.build_seed_resnet) with
+  model     the notebook's VehicleResNet (benchmarks/seed_torch.py build_seed_resnet) with
             stage_sizes, widths, dropout, bn_momentum, bn_eps; PyTorch's default init.
   loop      batch_size, num_epochs, learning_rate, weight_decay, adam_b1/b2/eps, pct_start,
             div_factor, final_div_factor, label_smoothing, mixup_alpha, mixup_prob,
@@ -234,7 +234,7 @@ def train(config, workdir: str, *, epochs: int | None = None,
     if config.early_stopping_metric not in ('val_loss', 'val_accuracy'):
         raise UserError('early_stopping_metric must be val_loss or val_accuracy, got '
                         f'{config.early_stopping_metric!r}')
-    from cars_jax import bench_torch
+    from benchmarks import seed_torch
     from cars_jax.data.augment import AugmentConfig
     from cars_jax.data.dataset import build_data
     from cars_jax.data.sources import DataError
@@ -269,19 +269,19 @@ def train(config, workdir: str, *, epochs: int | None = None,
     labels = np.asarray(data.train_labels)
     n_train = len(data.train)
 
-    transforms = bench_torch.import_torchvision_transforms()
+    transforms = seed_torch.import_torchvision_transforms()
     tv_train = tv_eval = None
     if transforms is not None:
-        tv_train = bench_torch.torchvision_seed_transforms(transforms, aug.image_size)
+        tv_train = seed_torch.torchvision_seed_transforms(transforms, aug.image_size)
         size = aug.image_size
         resize = ([transforms.Resize((size, size))] if aug.eval_resize == 'squash'
                   else [transforms.Resize(size), transforms.CenterCrop(size)])
         tv_eval = transforms.Compose(resize + [  # the notebook's test_transforms when squash
             transforms.ToTensor(), transforms.Normalize(list(aug.mean), list(aug.std))])
     port = tv_train is None               # the port's batches are channels-last
-    loader_name = (bench_torch.TORCH_LOADER_TV if tv_train is not None
-                   else bench_torch.TORCH_LOADER_PORT)
-    train_ds = bench_torch.SeedTransformDataset(data.train, aug, config.seed, tv_train)
+    loader_name = (seed_torch.TORCH_LOADER_TV if tv_train is not None
+                   else seed_torch.TORCH_LOADER_PORT)
+    train_ds = seed_torch.SeedTransformDataset(data.train, aug, config.seed, tv_train)
     if config.weighted_sampling:
         counts = np.bincount(labels, minlength=num_classes)
         class_weights = np.where(counts > 0, n_train / np.maximum(counts, 1), 0.0)
@@ -304,7 +304,7 @@ def train(config, workdir: str, *, epochs: int | None = None,
     if max_steps > 0:
         steps_per_epoch = min(steps_per_epoch, max_steps)
 
-    model = bench_torch.build_seed_resnet(torch, num_classes, tuple(config.stage_sizes),
+    model = seed_torch.build_seed_resnet(torch, num_classes, tuple(config.stage_sizes),
                                           tuple(config.widths))
     model.drop.p = float(config.dropout)
     for m in model.modules():

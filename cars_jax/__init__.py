@@ -5,8 +5,8 @@ Research API (each a pure function or a Flax module; compose your own loop with 
     inference_variables (the weights to evaluate and serve: the EMA when a run keeps one)
     ResNet, build_model, mixup, cutmix, mix_batch, smoothed_cross_entropy, mixed_cross_entropy,
     onecycle_schedule, make_optimizer
-    train_step_cached + data.device_augment (the augmentation inside jit), fused.train_chunk
-    (epochs as lax.scan on resident data), distributed (multi-host batches)
+    train_step_cached + data.device_augment (the augmentation inside jit),
+    distributed (multi-host batches)
 The side-effecting loop is cars_jax.train.train_and_evaluate (used by main.py).
 """
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct

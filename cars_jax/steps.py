@@ -133,14 +133,28 @@ def augment_on_device(name: str, backend: str) -> bool:
     return name == 'device' or (name == 'auto' and backend != 'cpu')
 
 
+def cached_step_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The device path's one RNG convention: a step's `rng` splits into the augmentation key
+    and the rng that `train_step` gets (MixUp and dropout)."""
+    aug_key, step_rng = jax.random.split(rng)
+    return aug_key, step_rng
+
+
+def augment_cached_batch(batch: Batch, key: jax.Array, aug: AugmentConfig) -> Batch:
+    """A batch of decode-once cache images (uint8 (B, C, C, 3) + their original `orig_hw`)
+    through the seed's random train transform on the device (`device_augment.py`), drawn from
+    `key`: the float {'image', 'label'} batch that `train_step` takes."""
+    params = sample_device_params(key, batch['orig_hw'], aug)
+    return {'image': augment_batch(batch['image'], params, aug), 'label': batch['label']}
+
+
 def train_step_cached(state: TrainState, batch: Batch, rng: jax.Array, *, aug: AugmentConfig,
                       **step_kwargs) -> tuple[TrainState, Metrics]:
-    """`train_step` on a batch of decode-once cache images (uint8 (B, C, C, 3) + their original
-    `orig_hw`): the seed's random augmentation runs here, inside the jitted step
-    (`device_augment.py`), drawn from `rng`, then MixUp and the update as in `train_step`."""
-    params = sample_device_params(jax.random.fold_in(rng, 0xA06), batch['orig_hw'], aug)
-    images = augment_batch(batch['image'], params, aug)
-    return train_step(state, {'image': images, 'label': batch['label']}, rng, **step_kwargs)
+    """The one "augment on the device, then step": `train_step` on a decode-once cache batch,
+    augmented inside the jitted step (`augment_cached_batch`). `rng` is split once
+    (`cached_step_keys`) into the augmentation key and `train_step`'s rng."""
+    aug_key, step_rng = cached_step_keys(rng)
+    return train_step(state, augment_cached_batch(batch, aug_key, aug), step_rng, **step_kwargs)
 
 
 def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05,

@@ -1,14 +1,22 @@
-"""The benchmark command's functions at tiny sizes: result structure, positive rates, the ratio
-arithmetic, and the PyTorch rows present exactly when torch imports. No speed is asserted."""
+"""benchmarks/bench.py's functions at tiny sizes: result structure, positive rates, the ratio
+arithmetic, and the PyTorch rows present exactly when torch imports. No speed is asserted.
+benchmarks/seed_torch.py: the seed's PyTorch network is the seed's."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from cars_jax import bench, bench_torch
-from cars_jax.data.sources import Record
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # the benchmarks package lives beside cars_jax, not installed
+    sys.path.insert(0, ROOT)
 
-TORCH = bench_torch.import_torch() is not None
+from benchmarks import bench, seed_torch  # noqa: E402
+from cars_jax.data.sources import Record  # noqa: E402
+
+TORCH = seed_torch.import_torch() is not None
 TINY_NET = dict(widths=(4, 8), stage_sizes=(1, 1))
 
 
@@ -57,7 +65,7 @@ def test_loader_torch_baseline(loader_results):
     assert [row['pipeline'].rsplit('=', 1)[1] for row in torch_rows] == ['0', '1']
     assert [row['cores'] for row in torch_rows] == [1, 1]
     label = torch_rows[0]['pipeline']
-    if bench_torch.import_torchvision_transforms() is None:
+    if seed_torch.import_torchvision_transforms() is None:
         assert 'cars_jax numpy/PIL port; torchvision not installed' in label
     tbase = torch_rows[0]['images_per_s']
     assert r['torch_baseline'] == label and _close(torch_rows[0]['vs_torch'], 1.0)
@@ -100,12 +108,19 @@ def test_step_rows_and_ratios():
 
 def test_torch_seed_network_matches_the_seed():
     torch = pytest.importorskip('torch')
-    net = bench_torch.build_seed_resnet(torch)
+    net = seed_torch.build_seed_resnet(torch)
     assert sum(p.numel() for p in net.parameters()) == 11_277_060   # seed-notebook.md §3
-    small = bench_torch.build_seed_resnet(torch, 5, (1, 1), (4, 8))
+    # the notebook's module names, stage by stage (the state-dict keys of a seed checkpoint)
+    assert [n for n, _ in net.named_children()] == ['conv1', 'bn1', 'relu', 'maxp', 'l1', 'l2',
+                                                    'l3', 'l4', 'avg', 'drop', 'fc']
+    assert [len(getattr(net, f'l{i}')) for i in range(1, 5)] == [2, 2, 2, 2]
+    assert net.drop.p == 0.5 and net.fc.in_features == 512 and net.fc.out_features == 196
+    small = seed_torch.build_seed_resnet(torch, 5, (1, 1), (4, 8))
     assert small(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
+    with pytest.raises(ValueError, match='one width per stage'):
+        seed_torch.build_seed_resnet(torch, 5, (1, 1), (4, 8, 16))
     old = torch.get_num_threads()
-    out = bench_torch.torch_step_rates(torch, 16, 4, 2, 1, num_classes=5, **TINY_NET,
+    out = seed_torch.torch_step_rates(torch, 16, 4, 2, 1, num_classes=5, **TINY_NET,
                                        num_threads=1)
     assert out['threads'] == 1 and out['train_images_per_s'] > 0
     assert torch.get_num_threads() == old        # restored
@@ -142,3 +157,15 @@ def test_fused_tiny_run_and_projection():
     assert _close(r['projected_wall_s'],
                   r['train_compile_s'] + r['eval_compile_s'] + 3 * epoch)
     bench.print_fused_table(r)
+
+
+def test_importing_the_benchmark_defines_no_flags():
+    """Flags are defined by the command only: importing benchmarks.bench (as these tests do)
+    leaves absl's registry alone, so it cannot clash with another module's flags."""
+    from absl import flags
+    assert 'chunk_steps' not in flags.FLAGS and 'conv_impls' not in flags.FLAGS
+    for form in (['benchmarks/bench.py'], ['-m', 'benchmarks.bench']):
+        r = subprocess.run([sys.executable, *form, 'nomode'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+        assert r.returncode != 0 and 'usage: python benchmarks/bench.py' in r.stderr + r.stdout
+        assert 'Traceback' not in r.stderr

@@ -12,7 +12,7 @@ from cars_jax.data import cache as C
 from cars_jax.data import pipeline
 from cars_jax.data.device_augment import augment_batch, sample_device_params
 from cars_jax.data.sources import Record
-from cars_jax.steps import create_train_state, train_step, train_step_cached
+from cars_jax.steps import cached_step_keys, create_train_state, train_step, train_step_cached
 from test_steps import tiny_config
 from test_train import _params, make_folders, run_config
 
@@ -121,9 +121,10 @@ def test_cached_step_is_the_plain_step_on_the_device_augmented_batch():
     for i in range(3):
         key = jax.random.PRNGKey(i)
         s_fast, m_fast = fast(s_fast, batch, key)
-        params = sample_device_params(jax.random.fold_in(key, 0xA06), batch['orig_hw'], aug)
+        aug_key, step_rng = cached_step_keys(key)
+        params = sample_device_params(aug_key, batch['orig_hw'], aug)
         images = augment_batch(batch['image'], params, aug)
-        s_plain, m_plain = plain(s_plain, {'image': images, 'label': batch['label']}, key)
+        s_plain, m_plain = plain(s_plain, {'image': images, 'label': batch['label']}, step_rng)
         np.testing.assert_allclose(m_fast['loss'], m_plain['loss'], rtol=1e-5)
     for x, y in zip(jax.tree.leaves(s_fast.params), jax.tree.leaves(s_plain.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)

@@ -9,9 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from cars_jax import interop
-from cars_jax.interop import InteropError
-from cars_jax.model import ResNet, init_variables
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # the benchmarks package lives beside cars_jax, not installed
+    sys.path.insert(0, ROOT)
+
+from benchmarks import seed_torch  # noqa: E402
+from cars_jax import interop  # noqa: E402
+from cars_jax.interop import InteropError  # noqa: E402
+from cars_jax.model import ResNet, init_variables  # noqa: E402
 
 TINY = dict(num_classes=5, stage_sizes=(1, 1), widths=(4, 8))
 
@@ -21,64 +26,9 @@ def torch():
     return pytest.importorskip('torch')
 
 
-def seed_classes(torch):
-    """The seed notebook's §3 code verbatim, plus the
-    super().__init__() calls the summary leaves out, and `SeedVariant`: the same `_mk`/forward
-    with the stage sizes and widths as arguments."""
-    nn = torch.nn
-
-    class ResidualBlock(nn.Module):          # = torchvision BasicBlock (post-activation)
-        def __init__(self, in_c, out_c, stride=1):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_c, out_c, 3, stride, 1, bias=False); self.bn1 = nn.BatchNorm2d(out_c)
-            self.conv2 = nn.Conv2d(out_c, out_c, 3, 1, 1, bias=False);     self.bn2 = nn.BatchNorm2d(out_c)
-            self.relu  = nn.ReLU(inplace=True)
-            self.down = None
-            if stride!=1 or in_c!=out_c:
-                self.down = nn.Sequential(nn.Conv2d(in_c, out_c, 1, stride, bias=False), nn.BatchNorm2d(out_c))
-        def forward(self,x):
-            id = x if self.down is None else self.down(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return self.relu(out + id)
-
-    class VehicleResNet(nn.Module):
-        def __init__(self, num_classes=196):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3,64,7,2,3,bias=False); self.bn1 = nn.BatchNorm2d(64)
-            self.relu  = nn.ReLU(inplace=True); self.maxp = nn.MaxPool2d(3,2,1)
-            self.l1 = self._mk(64,  64, 2, 1)
-            self.l2 = self._mk(64, 128, 2, 2)
-            self.l3 = self._mk(128,256, 2, 2)
-            self.l4 = self._mk(256,512, 2, 2)
-            self.avg = nn.AdaptiveAvgPool2d(1); self.drop = nn.Dropout(0.5); self.fc = nn.Linear(512, num_classes)
-        def _mk(self,ci,co,b,s):
-            layers=[ResidualBlock(ci,co,s)]
-            for _ in range(1,b): layers.append(ResidualBlock(co,co))
-            return nn.Sequential(*layers)
-        def forward(self,x):
-            x=self.relu(self.bn1(self.conv1(x))); x=self.maxp(x)
-            x=self.l1(x); x=self.l2(x); x=self.l3(x); x=self.l4(x)
-            x=self.avg(x).flatten(1); x=self.drop(x); return self.fc(x)
-
-    class SeedVariant(VehicleResNet):
-        def __init__(self, num_classes, stage_sizes, widths):
-            nn.Module.__init__(self)
-            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False); self.bn1 = nn.BatchNorm2d(widths[0])
-            self.relu = nn.ReLU(inplace=True); self.maxp = nn.MaxPool2d(3, 2, 1)
-            ci = widths[0]
-            for i, (b, co) in enumerate(zip(stage_sizes, widths), start=1):
-                setattr(self, f'l{i}', self._mk(ci, co, b, 1 if i == 1 else 2))
-                ci = co
-            self.n = len(widths)
-            self.avg = nn.AdaptiveAvgPool2d(1); self.drop = nn.Dropout(0.5); self.fc = nn.Linear(ci, num_classes)
-        def forward(self, x):
-            x = self.maxp(self.relu(self.bn1(self.conv1(x))))
-            for i in range(1, self.n + 1):
-                x = getattr(self, f'l{i}')(x)
-            return self.fc(self.drop(self.avg(x).flatten(1)))
-
-    return VehicleResNet, SeedVariant
+def seed_net(torch, num_classes=196, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512)):
+    """The seed notebook's §3 network (written once, in benchmarks/seed_torch.py)."""
+    return seed_torch.build_seed_resnet(torch, num_classes, stage_sizes, widths)
 
 
 def randomise(torch, net, seed):
@@ -158,8 +108,7 @@ def randomise_flax(variables, seed):
 
 def test_seed_resnet18_same_function_224(torch):
     torch.set_num_threads(2)
-    VehicleResNet, _ = seed_classes(torch)
-    net = VehicleResNet()
+    net = seed_net(torch)
     model = ResNet(num_classes=196)
     assert interop.infer_architecture(net.state_dict()) == {
         'num_classes': 196, 'stage_sizes': (2, 2, 2, 2), 'widths': (64, 128, 256, 512)}
@@ -169,8 +118,7 @@ def test_seed_resnet18_same_function_224(torch):
 
 
 def test_narrow_deeper_variant_same_function_64(torch):
-    _, SeedVariant = seed_classes(torch)
-    net = SeedVariant(7, (1, 2, 3, 1), (8, 16, 16, 32))
+    net = seed_net(torch, 7, (1, 2, 3, 1), (8, 16, 16, 32))
     arch = interop.infer_architecture(net.state_dict())
     assert arch == {'num_classes': 7, 'stage_sizes': (1, 2, 3, 1), 'widths': (8, 16, 16, 32)}
     model = ResNet(**arch)
@@ -182,8 +130,7 @@ def test_narrow_deeper_variant_same_function_64(torch):
 def test_conversion_catches_a_wrong_layout(torch):
     """The check above can fail: a conv kernel loaded without the OIHW -> HWIO transpose
     (a square 3x3 kernel of equal in/out channels has the same shape either way)."""
-    _, SeedVariant = seed_classes(torch)
-    net = randomise(torch, SeedVariant(3, (1, 1), (8, 8)), 3)
+    net = randomise(torch, seed_net(torch, 3, (1, 1), (8, 8)), 3)
     model = ResNet(num_classes=3, stage_sizes=(1, 1), widths=(8, 8))
     variables = interop.torch_state_dict_to_variables(net.state_dict(), model)
     k = np.asarray(variables['params']['l1_0']['conv2']['kernel'])
@@ -193,8 +140,7 @@ def test_conversion_catches_a_wrong_layout(torch):
 
 
 def test_load_torch_checkpoint_forms(torch, tmp_path):
-    _, SeedVariant = seed_classes(torch)
-    net = randomise(torch, SeedVariant(TINY['num_classes'], TINY['stage_sizes'], TINY['widths']), 4)
+    net = randomise(torch, seed_net(torch, **TINY), 4)
     sd = net.state_dict()
     forms = {
         'bare': sd,
@@ -352,7 +298,7 @@ def test_cli_uses_a_seed_checkpoint_directly(tmp_path, torch):
     variables = init_variables(model, jax.random.PRNGKey(3), 32)
     sd = interop.variables_to_torch_state_dict(variables)
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, tmp_path / 'm.pt')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     r = subprocess.run([_sys.executable, os.path.join(root, 'main.py'), '--mode=eval',
                         f'--init_from={tmp_path / "m.pt"}', '--config=configs/demo.py',
                         f'--config.data_dir={data}', '--config.image_size=32',

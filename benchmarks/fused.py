@@ -1,15 +1,17 @@
-"""Whole epochs on the accelerator: a resident dataset and `lax.scan` over train steps.
+"""Whole epochs on the accelerator: a resident dataset and `lax.scan` over train steps, the
+tool of the fused benchmark (`benchmarks/bench.py fused`); the training loop (main.py) does not
+use it.
 
 The host pipeline decodes, augments and ships every batch, and dispatches one jitted step per
 batch. Here the dataset is decoded ONCE into a uint8 cache (N, C, C, 3) that stays on the
 device with each image's original (h, w) and label; one jitted call then runs K train steps
-under `jax.lax.scan`: step i gathers its batch from the resident arrays, draws and applies the
-device augmentation (`device_augment`) and calls the SAME pure `steps.train_step` (MixUp,
-label-smoothed CE, BatchNorm statistics, the non-finite guard, the per-step optax schedule).
-No host round trip per step; the per-step semantics are the recipe's.
+under `jax.lax.scan`: step i gathers its batch from the resident arrays and calls the SAME
+pure `steps.train_step_cached` as the loop's decode-once path (the device augmentation, then
+`steps.train_step`: MixUp, label-smoothed CE, BatchNorm statistics, the non-finite guard, the
+per-step optax schedule). No host round trip per step; the per-step semantics are the recipe's.
 
-Randomness: a chunk gets one key; step i uses `fold_in(key, i)` split into (augmentation key,
-train-step rng), so a Python loop over `augment_and_step` reproduces a chunk exactly.
+Randomness: a chunk gets one key; step i's rng is `fold_in(key, i)` (`chunk_step_key`), so a
+Python loop of `train_step_cached` over the gathered batches reproduces a chunk.
 
 Memory: the cache is N * C * C * 3 bytes (Stanford Cars train, 8144 images at C = 256: 1.6 GB;
 the test split at the eval size 224: 1.2 GB); only one augmented batch exists at a time.
@@ -26,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from cars_jax.data.augment import AugmentConfig
-from cars_jax.data.device_augment import augment_batch, sample_device_params
-from cars_jax.steps import Metrics, TrainState, eval_step, mix_hyperparameters, train_step
+from cars_jax.steps import (Batch, Metrics, TrainState, eval_step, mix_hyperparameters,
+                            train_step_cached)
 
 
 class DeviceDataset(NamedTuple):
@@ -88,36 +90,31 @@ def device_epoch_indices(key: jax.Array, labels: jax.Array, num_steps: int, batc
 
 
 def chunk_step_key(key: jax.Array, i: jax.Array | int) -> jax.Array:
-    """The key of step i of a chunk (split by `augment_and_step` into augmentation / step rng)."""
+    """The rng of step i of a chunk (what `steps.train_step_cached` gets)."""
     return jax.random.fold_in(key, i)
 
 
-def augment_and_step(state: TrainState, data: DeviceDataset, idx_row: jax.Array,
-                     key_i: jax.Array, *, aug: AugmentConfig,
-                     **step_kwargs: float) -> tuple[TrainState, Metrics]:
-    """One fused step: gather the batch idx_row (B,) from the resident arrays, draw + apply the
-    device augmentation, then the recipe's `steps.train_step`. The scan body of `train_chunk`,
-    public so a plain loop can check the scan against it."""
-    aug_key, step_rng = jax.random.split(key_i)
-    images = jnp.take(data.images, idx_row, axis=0)
-    params = sample_device_params(aug_key, jnp.take(data.orig_hw, idx_row, axis=0), aug)
-    batch = {'image': augment_batch(images, params, aug),
-             'label': jnp.take(data.labels, idx_row, axis=0)}
-    return train_step(state, batch, step_rng, **step_kwargs)
+def gather_batch(data: DeviceDataset, idx_row: jax.Array) -> Batch:
+    """Records idx_row (B,) of the resident arrays as a decode-once cache batch (uint8 images,
+    original sizes, labels): what `steps.train_step_cached` takes."""
+    return {'image': jnp.take(data.images, idx_row, axis=0),
+            'orig_hw': jnp.take(data.orig_hw, idx_row, axis=0),
+            'label': jnp.take(data.labels, idx_row, axis=0)}
 
 
 def train_chunk(state: TrainState, data: DeviceDataset, indices: jax.Array, key: jax.Array, *,
                 aug: AugmentConfig, **step_kwargs: float) -> tuple[TrainState, Metrics]:
-    """K = len(indices) train steps in one `lax.scan` (one dispatch, no host round trip).
+    """K = len(indices) train steps in one `lax.scan` (one dispatch, no host round trip): step
+    i is `steps.train_step_cached` on `gather_batch(data, indices[i])` with
+    `chunk_step_key(key, i)`.
 
     Returns the state after the K steps and each step's metrics stacked on a leading K axis
     (`finite` among them: a non-finite step left the state unchanged, as in the loop; the
     caller checks it once per chunk)."""
-    step = functools.partial(augment_and_step, aug=aug, **step_kwargs)
-
     def body(carry: TrainState, xs: tuple[jax.Array, jax.Array]):
         idx_row, i = xs
-        return step(carry, data, idx_row, chunk_step_key(key, i))
+        return train_step_cached(carry, gather_batch(data, idx_row), chunk_step_key(key, i),
+                                 aug=aug, **step_kwargs)
 
     k = indices.shape[0]
     return jax.lax.scan(body, state, (jnp.asarray(indices, jnp.int32), jnp.arange(k)))

@@ -1,8 +1,10 @@
 """Benchmarks, each figure a median over repeats, with the machine named.
 
-  python -m cars_jax.bench loader [--data_dir=data/demo] [--image_size=224] [--batches=20]
-  python -m cars_jax.bench step [--image_size=64] [--batch_size=32] [--conv_impls=xla,auto]
-  python -m cars_jax.bench fused [--num_images=8144] [--image_size=224] [--epochs=70]
+  python benchmarks/bench.py loader [--data_dir=data/demo] [--image_size=224] [--batches=20]
+  python benchmarks/bench.py step [--image_size=64] [--batch_size=32] [--conv_impls=xla,auto]
+  python benchmarks/bench.py fused [--num_images=8144] [--image_size=224] [--epochs=70]
+
+(from the repository root; `python -m benchmarks.bench ...` is the same).
 
 `loader`: images/s of the train pipeline (decode + the seed's augmentation + batching) with
 grain `num_workers` 0, 1 and 2, against a plain single-threaded Python loop over the same
@@ -16,9 +18,9 @@ images/s per core it uses.
 implementation (the first one is the baseline of the ratio column), and the SAME network and
 train step in eager PyTorch when torch imports ('vs PyTorch').
 `fused`: the moonshot path: a Stanford-Cars-shaped uint8 dataset resident on the device and
-whole epochs as `lax.scan` chunks (`cars_jax.fused`); compile time, steady images/s, on-device
-eval images/s, and the wall time of the seed's recipe, projected from the measured rate (and
-measured when every epoch ran). Each mode writes a JSON.
+whole epochs as `lax.scan` chunks (`benchmarks/fused.py`); compile time, steady images/s,
+on-device eval images/s, and the wall time of the seed's recipe, projected from the measured
+rate (and measured when every epoch ran). Each mode writes a JSON.
 """
 from __future__ import annotations
 
@@ -26,39 +28,52 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # run as a file: the repository root holds `benchmarks` and `configs`
+    sys.path.insert(0, ROOT)
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import seed_torch  # noqa: E402
+from benchmarks.seed_torch import SEED_STAGES, SEED_WIDTHS  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('data_dir', 'data/demo', 'Image-folder data (generated demo data if absent).')
-flags.DEFINE_integer('image_size', 224, 'Output size of the train transform.')
-flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-flags.DEFINE_integer('batches', 20, 'Batches timed per repeat (from iterator creation).')
-flags.DEFINE_integer('repeats', 3, 'Repeats; the median is reported.')
-flags.DEFINE_string('workers', '0,1,2', 'loader: comma-separated grain num_workers values.')
-flags.DEFINE_string('torch_workers', '0,1,2',
-                    'loader: torch DataLoader num_workers values (the first is the baseline of '
-                    "the 'vs torch' column); empty: no torch rows.")
-flags.DEFINE_string('out', 'runs/bench.json', 'Where to write the JSON results.')
-flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step).')
-flags.DEFINE_string('conv_impls', 'xla,auto', 'step: conv implementations to compare.')
-flags.DEFINE_bool('torch', True, 'step/loader: add the PyTorch rows when torch imports.')
-flags.DEFINE_string('widths', '', 'step/fused: network widths, e.g. 16,32,64,128 (empty: the '
-                    "seed's 64,128,256,512).")
-flags.DEFINE_string('stage_sizes', '', "step/fused: blocks per stage (empty: the seed's 2,2,2,2).")
-flags.DEFINE_integer('cache_size', 0, 'loader/fused: decode-once cache side (0: round(S*8/7)).')
-flags.DEFINE_integer('num_images', 8144, 'fused: train images (Stanford Cars train: 8144).')
-flags.DEFINE_integer('eval_images', 8041, 'fused: eval images (Stanford Cars test: 8041).')
-flags.DEFINE_integer('num_classes', 196, 'fused/step: classes.')
-flags.DEFINE_integer('epochs', 70, "fused: epochs of the recipe (the seed's 70).")
-flags.DEFINE_integer('run_epochs', 0, 'fused: epochs actually run (0: all --epochs); the rest '
-                     'is projected from the measured rate.')
-flags.DEFINE_integer('chunk_steps', 0, 'fused: train steps per scan chunk (0: one epoch).')
 
-SEED_STAGES = (2, 2, 2, 2)
-SEED_WIDTHS = (64, 128, 256, 512)
+
+def define_flags() -> None:
+    """The command's flags, defined by `main`'s caller only: importing this module (the tests
+    do) defines none."""
+    flags.DEFINE_string('data_dir', 'data/demo',
+                        'Image-folder data (generated demo data if absent).')
+    flags.DEFINE_integer('image_size', 224, 'Output size of the train transform.')
+    flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+    flags.DEFINE_integer('batches', 20, 'Batches timed per repeat (from iterator creation).')
+    flags.DEFINE_integer('repeats', 3, 'Repeats; the median is reported.')
+    flags.DEFINE_string('workers', '0,1,2', 'loader: comma-separated grain num_workers values.')
+    flags.DEFINE_string('torch_workers', '0,1,2',
+                        'loader: torch DataLoader num_workers values (the first is the baseline '
+                        "of the 'vs torch' column); empty: no torch rows.")
+    flags.DEFINE_string('out', 'runs/bench.json', 'Where to write the JSON results.')
+    flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step).')
+    flags.DEFINE_string('conv_impls', 'xla,auto', 'step: conv implementations to compare.')
+    flags.DEFINE_bool('torch', True, 'step/loader: add the PyTorch rows when torch imports.')
+    flags.DEFINE_string('widths', '', 'step/fused: network widths, e.g. 16,32,64,128 (empty: '
+                        "the seed's 64,128,256,512).")
+    flags.DEFINE_string('stage_sizes', '',
+                        "step/fused: blocks per stage (empty: the seed's 2,2,2,2).")
+    flags.DEFINE_integer('cache_size', 0,
+                         'loader/fused: decode-once cache side (0: round(S*8/7)).')
+    flags.DEFINE_integer('num_images', 8144, 'fused: train images (Stanford Cars train: 8144).')
+    flags.DEFINE_integer('eval_images', 8041, 'fused: eval images (Stanford Cars test: 8041).')
+    flags.DEFINE_integer('num_classes', 196, 'fused/step: classes.')
+    flags.DEFINE_integer('epochs', 70, "fused: epochs of the recipe (the seed's 70).")
+    flags.DEFINE_integer('run_epochs', 0, 'fused: epochs actually run (0: all --epochs); the '
+                         'rest is projected from the measured rate.')
+    flags.DEFINE_integer('chunk_steps', 0, 'fused: train steps per scan chunk (0: one epoch).')
 
 
 def machine() -> str:
@@ -97,7 +112,6 @@ def run_loader(data_dir: str, image_size: int, batch_size: int, batches: int, re
     the main process, not counted), the device augmentation on XLA's all-core thread pool."""
     import numpy as np
 
-    from cars_jax import bench_torch
     from cars_jax.data import pipeline
     from cars_jax.data.augment import AugmentConfig, train_transform
     from cars_jax.data.cache import build_cache, cache_size_for
@@ -145,7 +159,7 @@ def run_loader(data_dir: str, image_size: int, batch_size: int, batches: int, re
     rows.append(_loader_row('plain Python loop, 1 thread (baseline)', base, 1, base))
 
     # torch first: its DataLoader forks workers, best done before XLA starts its thread pools
-    torch = bench_torch.import_torch() if use_torch else None
+    torch = seed_torch.import_torch() if use_torch else None
     torch_rows = []
     if torch is None:
         notes.append('torch DataLoader rows skipped: ' + ('--notorch' if not use_torch else
@@ -154,7 +168,7 @@ def run_loader(data_dir: str, image_size: int, batch_size: int, batches: int, re
         for w in torch_workers:
             rates, name = [], ''
             for r in range(repeats):
-                ips, name = bench_torch.torch_loader_rate(torch, records, labels, aug,
+                ips, name = seed_torch.torch_loader_rate(torch, records, labels, aug,
                                                           batch_size, batches, w, seed=r)
                 rates.append(ips)
             torch_rows.append(_loader_row(f'{name}, num_workers={w}',
@@ -234,14 +248,9 @@ def _device_augment_row(batches: list, aug, repeats: int, base: float, rows: lis
 
 
 def seed_config(**overrides):
-    """configs/base.py of this checkout (the seed's recipe) with fields overridden."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                        'base.py')
-    spec = importlib.util.spec_from_file_location('cars_jax_configs_base', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    """configs/base.py (the seed's recipe) with fields overridden."""
+    from configs import base
+    config = base.get_config()
     config.update(overrides)
     return config
 
@@ -257,7 +266,6 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
     import jax
     import numpy as np
 
-    from cars_jax import bench_torch
     from cars_jax.steps import create_train_state, make_steps
     rows, notes = [], []
     rng = np.random.default_rng(0)
@@ -295,15 +303,15 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
                      'eval_range': [min(eval_rates), max(eval_rates)],
                      'first_step_incl_compile_s': compile_s})
     base = rows[0]['train_images_per_s']
-    torch = bench_torch.import_torch() if use_torch else None
+    torch = seed_torch.import_torch() if use_torch else None
     torch_row = None
     if torch is None:
         notes.append('PyTorch row skipped: ' + ('--notorch' if not use_torch else
                                                 'torch is not importable'))
     else:
-        t = bench_torch.torch_step_rates(torch, image_size, batch_size, steps, repeats,
+        t = seed_torch.torch_step_rates(torch, image_size, batch_size, steps, repeats,
                                          num_classes=num_classes, **arch)
-        torch_row = {'framework': bench_torch.torch_version(torch),
+        torch_row = {'framework': seed_torch.torch_version(torch),
                      'conv_impl': f'pytorch eager, {t["threads"]} threads',
                      'train_images_per_s': t['train_images_per_s'],
                      'eval_images_per_s': t['eval_images_per_s'],
@@ -366,7 +374,7 @@ def run_fused(num_images: int = 8144, num_classes: int = 196, cache_size: int = 
               chunk_steps: int = 0, run_epochs: int = 0, eval_images: int = 8041, *,
               widths: Sequence[int] = SEED_WIDTHS, stage_sizes: Sequence[int] = SEED_STAGES,
               seed: int = 0) -> dict:
-    """The seed's recipe through `cars_jax.fused` on the default device: data resident, each
+    """The seed's recipe through `benchmarks/fused.py` on the default device: data resident, each
     epoch = scan chunks of `chunk_steps` train steps (+ one shorter tail), then an on-device
     eval of the eval set, as the recipe validates every epoch. Runs `run_epochs` (0: all) and
     projects `epochs` from the steady rate: compile + epochs x (train epoch + eval)."""
@@ -375,8 +383,8 @@ def run_fused(num_images: int = 8144, num_classes: int = 196, cache_size: int = 
 
     from cars_jax.data.augment import AugmentConfig
     from cars_jax.data.cache import cache_size_for
+    from benchmarks.fused import device_dataset, make_fused_steps
     from cars_jax.data.pipeline import steps_per_epoch as spe_of
-    from cars_jax.fused import device_dataset, make_fused_steps
     from cars_jax.steps import create_train_state
 
     size = cache_size_for(image_size, cache_size)
@@ -532,7 +540,7 @@ MODES = ('loader', 'step', 'fused')
 
 def main(argv) -> None:
     if len(argv) < 2 or argv[1] not in MODES:
-        raise app.UsageError('usage: python -m cars_jax.bench loader|step|fused [--flags]')
+        raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused [--flags]')
     arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
                 stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
     if argv[1] == 'loader':
@@ -558,4 +566,5 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -1,9 +1,9 @@
-"""The PyTorch baselines of `cars_jax.bench`: the seed notebook's network, train step and loader.
+"""The seed notebook's PyTorch code, the reference side of the benchmarks and of the interop
+tests: its network (written once here; tests/test_interop.py and tests/test_bench.py build it
+from this module), its train step and its loader.
 
-torch is optional: nothing here imports it at module level, so `cars_jax.bench` runs without it
-and skips these rows. The network is the notebook's §3 code (as in tests/test_interop.py's
-`seed_classes`), with the stage sizes and widths as arguments so narrow variants can be timed;
-the defaults give the seed's VehicleResNet (11,277,060 parameters).
+torch is optional: nothing here imports it at module level, so `benchmarks/bench.py` runs
+without it and skips the PyTorch rows.
 """
 from __future__ import annotations
 
@@ -48,58 +48,53 @@ def torch_version(torch: Any) -> str:
 def build_seed_resnet(torch: Any, num_classes: int = 196,
                       stage_sizes: Sequence[int] = SEED_STAGES,
                       widths: Sequence[int] = SEED_WIDTHS) -> Any:
-    """The seed's VehicleResNet (torchvision-style BasicBlock ResNet + Dropout(0.5) + FC), built
-    with the given torch module; defaults are the seed's ResNet-18 topology."""
+    """The seed notebook's §3 network (seed-notebook.md), its code verbatim but for two things:
+    the super().__init__() calls the notebook's summary leaves out, and the stage sizes and
+    widths as arguments: the notebook's four `self.lN = self._mk(...)` lines and its
+    `x=self.l1(x); ...; x=self.l4(x)` are loops over the stages, which build the same modules
+    under the same names (l1, l2, ...). The defaults give the seed's VehicleResNet (ResNet-18
+    topology + Dropout(0.5) + FC, 11,277,060 parameters at 196 classes)."""
+    if len(stage_sizes) != len(widths) or not widths:
+        raise ValueError(f'one width per stage: stage_sizes {tuple(stage_sizes)}, '
+                         f'widths {tuple(widths)}')
     nn = torch.nn
 
+    # ---- the notebook's §3 ----------------------------------------------------------------
     class ResidualBlock(nn.Module):          # = torchvision BasicBlock (post-activation)
         def __init__(self, in_c, out_c, stride=1):
             super().__init__()
-            self.conv1 = nn.Conv2d(in_c, out_c, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(out_c)
-            self.conv2 = nn.Conv2d(out_c, out_c, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(out_c)
-            self.relu = nn.ReLU(inplace=True)
+            self.conv1 = nn.Conv2d(in_c, out_c, 3, stride, 1, bias=False); self.bn1 = nn.BatchNorm2d(out_c)
+            self.conv2 = nn.Conv2d(out_c, out_c, 3, 1, 1, bias=False);     self.bn2 = nn.BatchNorm2d(out_c)
+            self.relu  = nn.ReLU(inplace=True)
             self.down = None
-            if stride != 1 or in_c != out_c:
-                self.down = nn.Sequential(nn.Conv2d(in_c, out_c, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_c))
-
-        def forward(self, x):
+            if stride!=1 or in_c!=out_c:
+                self.down = nn.Sequential(nn.Conv2d(in_c, out_c, 1, stride, bias=False), nn.BatchNorm2d(out_c))
+        def forward(self,x):
             id = x if self.down is None else self.down(x)
             out = self.relu(self.bn1(self.conv1(x)))
             out = self.bn2(self.conv2(out))
             return self.relu(out + id)
 
     class VehicleResNet(nn.Module):
-        def __init__(self):
+        def __init__(self, num_classes=196):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(widths[0])
-            self.relu = nn.ReLU(inplace=True)
-            self.maxp = nn.MaxPool2d(3, 2, 1)
-            ci = widths[0]
+            self.conv1 = nn.Conv2d(3,widths[0],7,2,3,bias=False); self.bn1 = nn.BatchNorm2d(widths[0])
+            self.relu  = nn.ReLU(inplace=True); self.maxp = nn.MaxPool2d(3,2,1)
+            ci = widths[0]   # the notebook: self.l1 = self._mk(64, 64, 2, 1) ... self.l4
             for i, (b, co) in enumerate(zip(stage_sizes, widths), start=1):
-                setattr(self, f'l{i}', self._mk(ci, co, b, 1 if i == 1 else 2))
-                ci = co
-            self.n = len(widths)
-            self.avg = nn.AdaptiveAvgPool2d(1)
-            self.drop = nn.Dropout(0.5)
-            self.fc = nn.Linear(ci, num_classes)
-
-        def _mk(self, ci, co, b, s):
-            layers = [ResidualBlock(ci, co, s)]
-            for _ in range(1, b):
-                layers.append(ResidualBlock(co, co))
+                setattr(self, f'l{i}', self._mk(ci, co, b, 1 if i == 1 else 2)); ci = co
+            self.avg = nn.AdaptiveAvgPool2d(1); self.drop = nn.Dropout(0.5); self.fc = nn.Linear(ci, num_classes)
+        def _mk(self,ci,co,b,s):
+            layers=[ResidualBlock(ci,co,s)]
+            for _ in range(1,b): layers.append(ResidualBlock(co,co))
             return nn.Sequential(*layers)
+        def forward(self,x):
+            x=self.relu(self.bn1(self.conv1(x))); x=self.maxp(x)
+            for i in range(1, len(widths) + 1): x=getattr(self, f'l{i}')(x)   # x=self.l1(x); ...
+            x=self.avg(x).flatten(1); x=self.drop(x); return self.fc(x)
+    # ---------------------------------------------------------------------------------------
 
-        def forward(self, x):
-            x = self.maxp(self.relu(self.bn1(self.conv1(x))))
-            for i in range(1, self.n + 1):
-                x = getattr(self, f'l{i}')(x)
-            return self.fc(self.drop(self.avg(x).flatten(1)))
-
-    return VehicleResNet()
+    return VehicleResNet(num_classes)
 
 
 def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, repeats: int, *,
@@ -108,7 +103,7 @@ def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, r
     """Images/s of the seed's train step (AdamW lr 1e-3 wd 1e-4, CE with label smoothing 0.05,
     MixUp alpha 0.4 on every other batch = half of them, OneCycleLR stepped per batch) and of
     its eval step (no_grad), eager float32 on the CPU with `num_threads` (default: all cores).
-    The same shapes and medians as bench's JAX rows; the previous thread count is restored."""
+    The same shapes and medians as bench.py's JAX rows; the previous thread count is restored."""
     nn = torch.nn
     threads = int(num_threads or os.cpu_count() or 1)
     old_threads = torch.get_num_threads()
