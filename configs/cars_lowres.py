@@ -6,11 +6,7 @@ then `--config.data_dir=<dir>`); there are no test images in that copy, so valid
 seeded, stratified 20% of them. 64x64 inputs keep a 30-epoch run CPU-feasible.
 Measured (docs/experiments.md, seed 0): 7.2% top-1 / 23.5% top-5 at epoch 29 of 30.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config():

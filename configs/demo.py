@@ -4,11 +4,7 @@ Same losses, MixUp, sampler, augmentation and one-cycle schedule as base.py; sma
 images, a narrower ResNet-18 and fewer epochs. The demo data (20 classes of procedurally
 drawn cars differing only in small details) is generated under data_dir on first use.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config():

@@ -12,11 +12,7 @@ For: a short run that learns fast. Changes against configs/cars_lowres.py (the s
 Measured (docs/experiments.md, seed 0): 6.7% top-1 / 19.1% top-5 in 10 epochs (the seed's
 recipe: 7.2% after 30).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import cars_lowres  # noqa: E402
+from configs import cars_lowres
 
 
 def get_config():

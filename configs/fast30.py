@@ -13,11 +13,7 @@ late, plus a real weight decay:
 Measured (docs/experiments.md, seed 0): 11.2% top-1 / 25.1% top-5 (epoch 24), against the
 seed's recipe's 7.2%; the 2x target (14.4%) is not met.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fast  # noqa: E402
+from configs import fast
 
 
 def get_config():

@@ -5,11 +5,7 @@ Measured (docs/experiments.md, seed 0, the development copy): 7.4% top-1 / 20.9%
 most accurate epoch (9 of 10), against fast.py's 6.7% / 19.1%: within the noise of the seed's
 30-epoch 7.2%. The most accurate epoch is kept (`early_stopping_metric=val_accuracy`).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fast  # noqa: E402
+from configs import fast
 
 
 def get_config():

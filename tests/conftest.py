@@ -2,6 +2,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root (the configs and benchmarks packages, as from a checkout), configs/ (the
+# tests import the config modules by name) and tests/ (shared helpers such as fixtures).
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'configs'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:   # the benchmarks package lives beside cars_jax, not installed
-    sys.path.insert(0, ROOT)
 
-from benchmarks import bench, seed_torch  # noqa: E402
-from cars_jax.data.sources import Record  # noqa: E402
+from benchmarks import bench, seed_torch
+from cars_jax.data.sources import Record
 
 TORCH = seed_torch.import_torch() is not None
 TINY_NET = dict(widths=(4, 8), stage_sizes=(1, 1))

@@ -1,8 +1,6 @@
 """benchmarks/fused.py, fused epochs: the resident dataset + lax.scan keep the per-step recipe
 exactly (each step is the loop's `steps.train_step_cached`)."""
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:   # the benchmarks package lives beside cars_jax, not installed
-    sys.path.insert(0, ROOT)
-
-from benchmarks.fused import (chunk_step_key, device_dataset, device_epoch_indices,  # noqa: E402
+from benchmarks.fused import (chunk_step_key, device_dataset, device_epoch_indices,
                               gather_batch, make_fused_steps)
-from cars_jax.data import augment as A  # noqa: E402
-from cars_jax.steps import create_train_state, eval_step, train_step_cached  # noqa: E402
-from test_steps import tiny_config  # noqa: E402
+from cars_jax.data import augment as A
+from cars_jax.steps import create_train_state, eval_step, train_step_cached
+from test_steps import tiny_config
 
 N, CACHE, S, B, K, CLASSES = 64, 20, 16, 8, 4, 3
 HYPER = dict(label_smoothing=0.05, mixup_alpha=0.4, mixup_prob=0.5)

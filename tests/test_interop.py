@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:   # the benchmarks package lives beside cars_jax, not installed
-    sys.path.insert(0, ROOT)
 
-from benchmarks import seed_torch  # noqa: E402
-from cars_jax import interop  # noqa: E402
-from cars_jax.interop import InteropError  # noqa: E402
-from cars_jax.model import ResNet, init_variables  # noqa: E402
+from benchmarks import seed_torch
+from cars_jax import interop
+from cars_jax.interop import InteropError
+from cars_jax.model import ResNet, init_variables
 
 TINY = dict(num_classes=5, stage_sizes=(1, 1), widths=(4, 8))
 
