@@ -69,18 +69,18 @@ def run(argv) -> int:
     from cars_jax import distributed
     if FLAGS.mode == 'train':
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from cars_jax import train
+    from cars_jax import console, train
     if not FLAGS.verbose:  # a full disk: Orbax's first error line, then quiet (its threads' pages)
-        logging.get_absl_handler().addFilter(train.MuteOnDiskFull(logging.get_absl_handler()))
+        logging.get_absl_handler().addFilter(console.MuteOnDiskFull(logging.get_absl_handler()))
     config = FLAGS.config
     workdir = FLAGS.workdir or _default_workdir()
     if FLAGS.mode == 'train':
         report = train.train_and_evaluate(config, workdir)
         if not report.get('interrupted') and _process_index() == 0:
-            train.console(f'Done. Best checkpoint, report and curves in {workdir}/')
+            console.console(f'Done. Best checkpoint, report and curves in {workdir}/')
         return 0
     from cars_jax import evaluate
-    src = {'init_from': FLAGS.init_from, 'config': config, 'log': train.console}
+    src = {'init_from': FLAGS.init_from, 'config': config, 'log': console.console}
     if FLAGS.mode == 'eval':
         evaluate.run_eval(workdir, **src)
     elif FLAGS.mode == 'gradcam':
@@ -128,7 +128,7 @@ def main(argv) -> None:
             # soon as it saw the error, else here), our line goes to a private copy of it in
             # one call, and we leave without running exit handlers. The line starts with a
             # newline: a thread may have been cut off mid-line by the mute.
-            from cars_jax.train import mute_stderr
+            from cars_jax.console import mute_stderr
             own = getattr(e, 'stderr_fd', None)
             own = mute_stderr() if own is None else own
             if FLAGS.verbose:
@@ -140,7 +140,7 @@ def main(argv) -> None:
 
 
 def _console(msg: str, stream) -> None:
-    from cars_jax.train import console   # survives a closed pipe (`... 2>&1 | head`)
+    from cars_jax.console import console   # survives a closed pipe (`... 2>&1 | head`)
     console(msg, stream)
 
 
@@ -150,7 +150,7 @@ def _drop_traceback(record) -> bool:
 
 
 def _disk_full(e: BaseException) -> bool:
-    from cars_jax.train import is_disk_full
+    from cars_jax.console import is_disk_full
     return is_disk_full(e)
 
 

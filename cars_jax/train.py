@@ -1,5 +1,9 @@
 """The training loop: the impure edge around the pure steps.
 
+A run, phase by phase (`train_and_evaluate`): prepare the data and the run directory, set up
+(state, mesh, jitted steps, checkpoint managers), resume from the latest checkpoint, train the
+epochs left, report the best checkpoint.
+
 Per epoch: the class-weighted Grain loader feeds `train_step`; `eval_step` runs over the
 validation split; one log line, a line of `metrics.jsonl` and a redrawn `curves.png`.
 Checkpoints (Orbax, atomic):
@@ -16,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
-import logging
 import math
 import os
 import signal
@@ -32,12 +34,14 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from cars_jax.config import ConfigError, incompatible_fields, saved_value, validate_config
+from cars_jax.console import Reporter, closed_on_error, fmt_time
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
 from cars_jax.data.sources import format_skipped
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
+from cars_jax.fileio import atomic_write_text, write_json_atomic
 from cars_jax.mixup import mixing_mode
 from cars_jax.plots import plot_curves
 from cars_jax.tensorboard import open_run_writer
@@ -51,22 +55,469 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, incompatible workdir): the message says why."""
 
 
-def console(msg: str, stream: Any = None) -> None:
-    """print(msg) that survives a closed pipe: `python main.py | head` after head exited, or
-    `| tee log` killed by the same Ctrl-C. The stream's descriptor is then pointed at
-    /dev/null, so later lines (and the interpreter's last flush) neither raise
-    BrokenPipeError nor change the exit status."""
-    import sys
-    stream = stream if stream is not None else sys.stdout
+# ---- a run, phase by phase --------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       data: DataBundle | None = None, stop_after_steps: int | None = None,
+                       quiet: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) in `workdir`; returns the final report of the best checkpoint.
+
+    stop_after_steps: behave as if preempted once the global step reaches it (tests, and
+    time-boxed jobs): save, and return with report['interrupted'] = True. A start that fails
+    (bad data, ...) leaves no empty run directory behind; one that existed is kept.
+    """
+    validate_config(config)
+    made = _make_workdir(workdir)
     try:
-        print(msg, file=stream, flush=True)
-    except BrokenPipeError:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):   # no descriptor (a test's StringIO)
-            pass
+        return _train_and_evaluate(config, workdir, data, stop_after_steps, quiet)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: DataBundle | None,
+                        stop_after_steps: int | None, quiet: bool) -> dict[str, Any]:
+    log = Reporter(workdir, quiet, primary=jax.process_index() == 0)
+    data = _prepare_data(config, workdir, data, log)
+    run, state = _setup(config, workdir, data, log)
+    state, progress = _resume(run, state)
+    history = _read_history(run.history_path, upto_epoch=progress.epoch, rewrite=run.primary)
+    tb = open_run_writer(run.primary and saved_value(config, 'tensorboard'), workdir, _step(state))
+    _log_start(run, state)
+
+    state, interrupted = _train_epochs(run, state, progress, history, tb, stop_after_steps)
+    run.latest_mgr.wait_until_finished()
+    run.best_mgr.wait_until_finished()
+    if interrupted:
+        for closeable in (run.latest_mgr, run.best_mgr, tb):
+            closeable.close()
+        return {'interrupted': True, 'step': _step(state)}
+
+    report = _final_report(run, state, history)
+    tb.final(report, os.path.join(workdir, 'eval'), _step(state))
+    for closeable in (tb, run.latest_mgr, run.best_mgr):
+        closeable.close()
+    return report
+
+
+# ---- setup and resume -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the phases of one run share, fixed once it is set up."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    data: DataBundle
+    log: Reporter
+    steps_per_epoch: int
+    aug: AugmentConfig
+    base_rng: jax.Array
+    mesh: Any                  # data-parallel mesh over every device; None on one device
+    cache: Any                 # the decode-once cache (augmentation on the device), else None
+    train_fn: _FirstCallTimer
+    eval_fn: _FirstCallTimer
+    latest_mgr: Any
+    best_mgr: Any
+
+    @property
+    def primary(self) -> bool:   # process 0 writes the run's files
+        return self.log.primary
+
+    @property
+    def multi(self) -> bool:     # several processes: each reads its rows of every global batch
+        return jax.process_count() > 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.num_epochs
+
+    @property
+    def history_path(self) -> str:
+        return os.path.join(self.workdir, 'metrics.jsonl')
+
+
+def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data: DataBundle | None,
+                  log: Reporter) -> DataBundle:
+    """The data (built from the config unless given), checked against what `workdir` was
+    trained on; the config, class names and skipped files written beside the run."""
+    data = data if data is not None else build_data(config)
+    _check_workdir(workdir, config, data.class_names)
+    if log.primary:
+        write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json()),
+                          indent=2)
+        write_json_atomic(os.path.join(workdir, 'class_names.json'), data.class_names, indent=2)
+    if data.skipped and log.primary:
+        write_json_atomic(os.path.join(workdir, 'skipped_files.json'), data.skipped, indent=2)
+        log(f'Skipped {len(data.skipped)} unreadable files (list: {workdir}/skipped_files.json).')
+        for line in format_skipped(data.skipped, limit=5).splitlines()[1:]:
+            log(line)
+    for note in data.notes:
+        log(note)
+    return data
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
+           log: Reporter) -> tuple[_Run, TrainState]:
+    """A fresh TrainState, the mesh, the decode-once cache, the jitted steps and the
+    checkpoint managers."""
+    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
+                                               config.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ConfigError(f'--config.batch_size={config.batch_size} is larger than the '
+                          f'{len(data.train)} training images; use a smaller batch.')
+    aug = AugmentConfig.from_config(config)
+    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = create_train_state(config, init_rng, len(data.class_names), steps_per_epoch)
+    # Data parallel over every device of every process (batch split, state replicated); one
+    # device: plain jit. Several processes: each reads its rows of every global batch.
+    mesh = data_parallel_mesh() if jax.device_count() > 1 else None
+    if jax.process_count() > 1:
+        state = replicate(state, mesh)
+    on_device = augment_on_device(config.augment_on, jax.default_backend())
+    cache = None
+    if on_device:
+        cache = build_cache(data.train, cache_size_for(config.image_size, config.cache_size),
+                            cache_dir=_cache_dir(config, workdir), name='train',
+                            use_bbox=config.use_bbox, bbox_margin=config.bbox_margin, log=log)
+    train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None)
+    latest_mgr, best_mgr = checkpoint_managers(workdir, config.early_stopping_metric)
+    run = _Run(config, workdir, data, log, steps_per_epoch, aug, base_rng, mesh, cache,
+               _FirstCallTimer(train_fn), _FirstCallTimer(eval_fn), latest_mgr, best_mgr)
+    return run, state
+
+
+def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
+    """The state and progress of the latest checkpoint, or `state` and a fresh Progress."""
+    config, workdir, log = run.config, run.workdir, run.log
+    if run.latest_mgr.latest_step() is None:
+        return state, Progress()
+    state, meta = _restore_resumable(run.latest_mgr, state, workdir, log)
+    progress = Progress(**meta['progress'])
+    stopped_early = progress.epoch < config.num_epochs
+    if progress.finished and not (stopped_early and progress.bad_epochs < config.patience):
+        log(_finished_message(workdir, progress, config, stopped_early))
+    else:
+        log(f'Resumed from {workdir} at step {_step(state)} (epoch {progress.epoch + 1}).')
+    if (progress.finished and progress.epoch < config.num_epochs
+            and progress.bad_epochs < config.patience):
+        # Stopped early under a smaller patience: the same trajectory goes on from there.
+        progress.finished = False
+        log(f'The run stopped early after epoch {progress.epoch} ({progress.bad_epochs} '
+            f'epochs without improvement); with --config.patience={config.patience} it '
+            f'continues to epoch {config.num_epochs}.')
+    return state, progress
+
+
+def _log_start(run: _Run, state: TrainState) -> None:
+    config, data, log = run.config, run.data, run.log
+    log(f'cars_jax: {len(data.class_names)} classes, {data.describe()}; '
+        f'{run.steps_per_epoch} steps/epoch x {config.num_epochs} '
+        f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}, '
+        f'augmentation on the '
+        f'{"device (decode-once cache)" if run.cache is not None else "host (per image)"}. '
+        f'Train accuracy is measured on augmented images against the original labels, '
+        f'including {_mixing_name(config)} batches ({config.mixup_prob:.0%} of batches), '
+        f'as the seed did.')
+    if state.ema is not None:
+        log(f'EMA of the weights (decay {state.ema_decay}): validation, the best checkpoint and '
+            f'the reports use the averaged weights; train loss/accuracy are the live weights\'.')
+
+
+# ---- the epochs -------------------------------------------------------------------------------
+
+def _train_epochs(run: _Run, state: TrainState, progress: Progress, history: list[dict], tb,
+                  stop_after_steps: int | None) -> tuple[TrainState, bool]:
+    """The epochs left. Returns the last state and whether the run was stopped before its end
+    (Ctrl-C, SIGTERM, stop_after_steps), with a checkpoint saved to resume from."""
+    stopper = _StopSignal()
+    started = (time.time(), _step(state))
+    with stopper.installed(), closed_on_error(run.latest_mgr, run.best_mgr, tb):
+        while not progress.finished and progress.epoch < run.config.num_epochs:
+            state, meter, stopped = _train_epoch(run, state, progress, tb, stopper,
+                                                 stop_after_steps)
+            if stopped:
+                _save_on_stop(run, state, progress, stopper.received)
+                return state, True
+            _end_epoch(run, state, progress, meter, history, tb, started)
+    return state, False
+
+
+def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: _StopSignal,
+                 stop_after_steps: int | None) -> tuple[TrainState, EpochMeter, bool]:
+    """The steps of epoch `progress.epoch` (from the saved iterator position when resumed
+    mid-epoch). Returns the state, the epoch's meter and whether a stop was asked for."""
+    config, epoch, steps_per_epoch = run.config, progress.epoch, run.steps_per_epoch
+    step_keys = ('image', 'orig_hw', 'label') if run.cache is not None else ('image', 'label')
+    it = pipeline.iterate(_epoch_dataset(run, epoch), progress.iterator)
+    meter = EpochMeter(progress.epoch_sums)
+    t_epoch, compiled_before = time.time(), run.train_fn.seconds
+    step_in_epoch = _step(state) - epoch * steps_per_epoch
+    first_step_in_epoch = step_in_epoch  # > 0 when resumed mid-epoch
+    stopped = False
+    t_ready = time.time()
+    for batch in it:
+        # The step before has finished (host_local below), so this is pure loader wait.
+        meter.add_data_wait(time.time() - t_ready)
+        step = _step(state)
+        rng = jax.random.fold_in(run.base_rng, step)
+        step_batch = {k: batch[k] for k in step_keys}
+        state, m = run.train_fn(state, global_batch(step_batch, run.mesh) if run.multi
+                                else step_batch, rng)
+        m = host_local(m)
+        if not m['finite']:
+            raise TrainingError(_nonfinite_message(step, epoch, batch, run.data.train, m,
+                                                   run.latest_mgr, run.best_mgr))
+        meter.add(m)
+        tb.step(step + 1, float(m['loss']), float(m['lr']))
+        step_in_epoch += 1
+        progress.iterator, progress.epoch_sums = it.get_state(), meter.sums
+        if step_in_epoch % config.log_every_steps == 0 and step_in_epoch < steps_per_epoch:
+            rate = ((step_in_epoch - first_step_in_epoch) * config.batch_size
+                    / max(time.time() - t_epoch - (run.train_fn.seconds - compiled_before),
+                          1e-9))
+            eta = (steps_per_epoch - step_in_epoch) * config.batch_size / rate
+            run.log(f'  epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} '
+                    f'loss {meter.mean_loss:.4f} lr {float(m["lr"]):.2e} '
+                    f'{rate:.1f} img/s, epoch ETA {fmt_time(eta)}')
+        if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+            save_checkpoint(run.latest_mgr, state, _meta(progress, config))
+        if stopper.received is not None or (stop_after_steps is not None
+                                            and step + 1 >= stop_after_steps):
+            stopped = True
+            break
+        t_ready = time.time()
+    meter.add_time(time.time() - t_epoch)
+    return state, meter, stopped
+
+
+def _epoch_dataset(run: _Run, epoch: int):
+    """Epoch `epoch`'s batches: from the decode-once cache, or decoded and augmented on the
+    host."""
+    config, shard = run.config, (jax.process_index(), jax.process_count())
+    if run.cache is not None:
+        return pipeline.cached_train_epoch_dataset(
+            run.cache.images, run.cache.orig_hw, run.data.train_labels, seed=config.seed,
+            epoch=epoch, batch_size=config.batch_size, weighted=config.weighted_sampling,
+            max_steps=config.max_steps_per_epoch, prefetch=config.prefetch_batches, shard=shard)
+    return pipeline.train_epoch_dataset(
+        run.data.train, run.data.train_labels, run.aug, seed=config.seed, epoch=epoch,
+        batch_size=config.batch_size, weighted=config.weighted_sampling,
+        use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
+        max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
+        prefetch=config.prefetch_batches, shard=shard)
+
+
+def _save_on_stop(run: _Run, state: TrainState, progress: Progress, signum: int | None) -> None:
+    """A stop mid-epoch: the checkpoint to resume from (iterator position and sums included)."""
+    save_checkpoint(run.latest_mgr, state, _meta(progress, run.config))
+    run.latest_mgr.wait_until_finished()
+    why = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}.get(signum, 'stop requested')
+    run.log(f'{why}: saved a checkpoint at step {_step(state)} in {run.workdir}. '
+            'Run the same command again to resume.')
+
+
+def _end_epoch(run: _Run, state: TrainState, progress: Progress, meter: EpochMeter,
+               history: list[dict], tb, started: tuple[float, int]) -> None:
+    """Validation, the early-stopping rule, metrics.jsonl / curves.png / TensorBoard, the
+    epoch's line and its checkpoints (best on an improvement, latest always)."""
+    config, epoch, step = run.config, progress.epoch, _step(state)
+    val = evaluate(run.eval_fn, state, run.data.val, config, run.mesh)
+    if val['count'] and not math.isfinite(val['loss']):  # diverged: never checkpoint it
+        raise TrainingError(_nonfinite_message(step, epoch, None, run.data.train, val,
+                                               run.latest_mgr, run.best_mgr))
+    improved = _record_validation(progress, epoch, val, config)
+    record = epoch_record(epoch + 1, step, meter.summary(config.batch_size), val,
+                          float(state.lr_schedule(step)), improved)
+    history.append(record)
+    if run.primary:
+        with open(run.history_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        plot_curves(history, os.path.join(run.workdir, 'curves.png'))
+        tb.epoch(record, os.path.join(run.workdir, 'curves.png'))
+    run.log(_epoch_line(config, record, progress, _run_eta(run, started, step), improved))
+    stop = progress.bad_epochs >= config.patience
+    progress.epoch, progress.iterator, progress.epoch_sums = epoch + 1, None, {}
+    progress.finished = stop or progress.epoch >= config.num_epochs
+    if improved:
+        save_checkpoint(run.best_mgr, state, _meta(progress, config),
+                        metrics={'val_loss': val['loss'], 'val_accuracy': val['accuracy']})
+    save_checkpoint(run.latest_mgr, state, _meta(progress, config), overwrite=True)
+    if stop:
+        run.log(f'Early stopping at epoch {epoch + 1}: no '
+                f'{_METRIC_WORDS[config.early_stopping_metric]} improvement > '
+                f'{config.min_delta} for {config.patience} epochs.')
+
+
+def _run_eta(run: _Run, started: tuple[float, int], step: int) -> float:
+    """Seconds left in the run at the steady-state rate since `started` (compile time left
+    out)."""
+    run_start, run_start_step = started
+    rate = (step - run_start_step) / max(time.time() - run_start - run.train_fn.seconds
+                                         - run.eval_fn.seconds, 1e-9)
+    return (run.total_steps - step) / rate if rate > 0 else 0.0
+
+
+# ---- the end-of-run report --------------------------------------------------------------------
+
+def _final_report(run: _Run, last_state: TrainState, history: list[dict]) -> dict[str, Any]:
+    """Restores the best checkpoint and evaluates it: that is what the run reports."""
+    config, data, log = run.config, run.data, run.log
+    best_step = run.best_mgr.best_step()
+    if best_step is None:
+        raise TrainingError('no best checkpoint was written (did every epoch fail to improve?)')
+    best_state, best_meta = restore_checkpoint(run.best_mgr, last_state, best_step)
+    best_epoch = best_meta['progress']['best_epoch'] + 1
+    val = evaluate(run.eval_fn, best_state, data.val, config, run.mesh)
+    report: dict[str, Any] = {'best_epoch': best_epoch, 'best_step': best_step, 'val': val,
+                              'epochs_run': len(history)}
+    log(f'Best checkpoint: epoch {best_epoch} (step {best_step}): val loss {val["loss"]:.4f}, '
+        f'top-1 {val["accuracy"]:.4f}, top-5 {val["top5"]:.4f} on {val["count"]} images.')
+    if history:
+        last = history[-1]
+        report['last_epoch_val'] = {'epoch': last['epoch'], 'accuracy': last['val_accuracy'],
+                                    'loss': last['val_loss']}
+        log(f'(The seed reported its last in-memory weights instead: epoch {last["epoch"]} had '
+            f'val top-1 {last["val_accuracy"]:.4f}, loss {last["val_loss"]:.4f}. We report the '
+            f'best-{_METRIC_WORDS[config.early_stopping_metric]} checkpoint.)')
+    if len(data.test):
+        test = evaluate(run.eval_fn, best_state, data.test, config, run.mesh)
+        report['test'] = test
+        log(f'Test (evaluated once, best checkpoint): top-1 {test["accuracy"]:.4f}, '
+            f'top-5 {test["top5"]:.4f}, loss {test["loss"]:.4f} on {test["count"]} images.')
+    if jax.process_index() == 0:   # figures and tables: process 0 alone, on a local copy
+        local = best_state if jax.process_count() == 1 else jax.device_put(host_local(best_state))
+        report['reports'] = full_report(local, data, config,
+                                        os.path.join(run.workdir, 'eval'), log)
+        write_json_atomic(os.path.join(run.workdir, 'final_report.json'), report, indent=2)
+    if jax.process_count() > 1:    # the others wait: a process that exits early fails the run
+        multihost_utils.sync_global_devices('cars_jax_final_report')
+    return report
+
+
+# ---- per-epoch bookkeeping (pure) -------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    """Everything besides the TrainState that a resumed run needs (saved as JSON)."""
+    epoch: int = 0                       # the epoch in progress (0-based)
+    iterator: dict | None = None         # grain iterator state within that epoch
+    best_val_loss: float = float('inf')       # of the best checkpoint
+    best_val_accuracy: float = float('-inf')  # of the best checkpoint
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epoch_sums: dict = dataclasses.field(default_factory=dict)   # EpochMeter.sums
+    finished: bool = False
+
+
+class EpochMeter:
+    """The running sums of one epoch's steps. `sums` is a plain dict, saved in the checkpoint
+    (Progress.epoch_sums), so an epoch resumed mid-way goes on counting where it stopped."""
+
+    def __init__(self, sums: dict | None = None):
+        self.sums = dict(sums or {}) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
+                                         'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
+        self.sums.setdefault('data_wait', 0.0)
+
+    def add(self, m: dict) -> None:
+        """One step's host-local metrics (loss, accuracy, mixed)."""
+        s = self.sums
+        s['loss'] += float(m['loss'])
+        s['accuracy'] += float(m['accuracy'])
+        s['mixed'] += float(m['mixed'])
+        s['unmixed_correct'] += float(m['accuracy']) * (1 - float(m['mixed']))
+        s['n'] += 1
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.sums['data_wait'] += seconds
+
+    def add_time(self, seconds: float) -> None:
+        self.sums['time'] += seconds
+
+    @property
+    def mean_loss(self) -> float:
+        return self.sums['loss'] / max(self.sums['n'], 1)
+
+    def summary(self, batch_size: int) -> dict[str, Any]:
+        """The epoch's training fields of its metrics.jsonl line."""
+        s = self.sums
+        n = max(s['n'], 1)
+        unmixed = n - s['mixed']
+        return {'train_loss': s['loss'] / n, 'train_accuracy': s['accuracy'] / n,
+                'train_accuracy_unmixed': s['unmixed_correct'] / unmixed if unmixed else None,
+                'mixup_share': s['mixed'] / n, 'epoch_time_s': s['time'],
+                'img_per_s': n * batch_size / max(s['time'], 1e-9),
+                'data_wait_share': s['data_wait'] / max(s['time'], 1e-9)}
+
+
+# A metrics.jsonl line: these fields, in this order.
+METRICS_FIELDS = ('epoch', 'step', 'train_loss', 'train_accuracy', 'train_accuracy_unmixed',
+                  'mixup_share', 'val_loss', 'val_accuracy', 'val_top5', 'lr', 'epoch_time_s',
+                  'img_per_s', 'data_wait_share', 'improved')
+
+
+def epoch_record(epoch: int, step: int, train: dict, val: dict, lr: float,
+                 improved: bool) -> dict[str, Any]:
+    """One metrics.jsonl line: epoch (1-based), the EpochMeter summary, validation."""
+    fields = {'epoch': epoch, 'step': step, **train, 'val_loss': val['loss'],
+              'val_accuracy': val['accuracy'], 'val_top5': val['top5'], 'lr': lr,
+              'improved': improved}
+    return {k: fields[k] for k in METRICS_FIELDS}
+
+
+def improves(metric: str, progress: Progress, val: dict, min_delta: float) -> bool:
+    """The seed's early-stopping rule on `metric`: better than the best checkpoint so far by
+    more than min_delta (val_loss: lower; val_accuracy: higher)."""
+    if metric == 'val_accuracy':
+        return val['accuracy'] - progress.best_val_accuracy > min_delta
+    if metric == 'val_loss':
+        return progress.best_val_loss - val['loss'] > min_delta
+    raise ValueError(f'early_stopping_metric must be val_loss or val_accuracy, got {metric!r}')
+
+
+def _record_validation(progress: Progress, epoch: int, val: dict,
+                       config: ml_collections.ConfigDict) -> bool:
+    """Updates the best scores or the count of epochs without improvement; True: improved."""
+    improved = improves(config.early_stopping_metric, progress, val, config.min_delta)
+    if improved:
+        progress.best_val_loss, progress.best_val_accuracy = val['loss'], val['accuracy']
+        progress.best_epoch, progress.bad_epochs = epoch, 0
+    else:
+        progress.bad_epochs += 1
+    return improved
+
+
+_METRIC_WORDS = {'val_loss': 'val-loss', 'val_accuracy': 'val-accuracy'}
+
+
+def _epoch_line(config: ml_collections.ConfigDict, record: dict, progress: Progress, eta: float,
+                improved: bool) -> str:
+    return (f'Epoch {record["epoch"]}/{config.num_epochs} | train loss '
+            f'{record["train_loss"]:.4f} acc {record["train_accuracy"]:.3f} | val loss '
+            f'{record["val_loss"]:.4f} acc {record["val_accuracy"]:.3f} top5 '
+            f'{record["val_top5"]:.3f} | lr {record["lr"]:.2e} | {record["img_per_s"]:.1f} '
+            f'img/s, {record["epoch_time_s"]:.1f}s, waiting for data '
+            f'{record["data_wait_share"]:.0%} | ETA {fmt_time(eta)}'
+            + (' | best, saved' if improved else f' | no improvement {progress.bad_epochs}/'
+               f'{config.patience}'))
+
+
+def _meta(progress: Progress, config: ml_collections.ConfigDict) -> dict:
+    """What a checkpoint keeps besides the state."""
+    return {'progress': dataclasses.asdict(progress), 'config': json.loads(config.to_json())}
+
+
+def _mixing_name(config: ml_collections.ConfigDict) -> str:
+    """'MixUp', 'CutMix' or 'MixUp/CutMix (25% CutMix)': what mixes the batches, for the log."""
+    hyper = mix_hyperparameters(config)
+    mode = mixing_mode(hyper['mixup_alpha'], hyper['cutmix_alpha'], hyper['cutmix_share'])
+    return {'mixup': 'MixUp', 'cutmix': 'CutMix',
+            'both': f'MixUp/CutMix ({hyper["cutmix_share"]:.0%} CutMix)'}[mode]
+
+
+# ---- helpers of the loop ----------------------------------------------------------------------
+
+def _step(state: TrainState) -> int:
+    return int(host_local(state.step))
 
 
 class _FirstCallTimer:
@@ -84,59 +535,6 @@ class _FirstCallTimer:
         out = self.fn(*args)
         self.seconds, self.called = time.time() - t, True
         return out
-
-
-class Reporter:
-    """Prints progress and keeps a copy in workdir/log.txt, written first: a console that
-    has gone away (a closed pipe) never costs the copy."""
-
-    def __init__(self, workdir: str, quiet: bool = False, primary: bool = True):
-        self.path, self.quiet, self.primary = os.path.join(workdir, 'log.txt'), quiet, primary
-
-    def __call__(self, msg: str) -> None:
-        if not self.primary:       # multi-process: process 0 speaks for the run
-            return
-        with open(self.path, 'a') as f:
-            f.write(msg + '\n')
-        if not self.quiet:
-            console(msg)
-
-
-def _step(state: TrainState) -> int:
-    return int(host_local(state.step))
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Progress:
-    """Everything besides the TrainState that a resumed run needs (saved as JSON)."""
-    epoch: int = 0                       # the epoch in progress (0-based)
-    iterator: dict | None = None         # grain iterator state within that epoch
-    best_val_loss: float = float('inf')       # of the best checkpoint
-    best_val_accuracy: float = float('-inf')  # of the best checkpoint
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    epoch_sums: dict = dataclasses.field(default_factory=dict)
-    finished: bool = False
-
-
-def improves(metric: str, progress: Progress, val: dict, min_delta: float) -> bool:
-    """The seed's early-stopping rule on `metric`: better than the best checkpoint so far by
-    more than min_delta (val_loss: lower; val_accuracy: higher)."""
-    if metric == 'val_accuracy':
-        return val['accuracy'] - progress.best_val_accuracy > min_delta
-    if metric == 'val_loss':
-        return progress.best_val_loss - val['loss'] > min_delta
-    raise ValueError(f'early_stopping_metric must be val_loss or val_accuracy, got {metric!r}')
-
-
-_METRIC_WORDS = {'val_loss': 'val-loss', 'val_accuracy': 'val-accuracy'}
 
 
 class _StopSignal:
@@ -163,65 +561,6 @@ class _StopSignal:
             yield self
 
 
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def mute_stderr() -> int:
-    """Points fd 2 at /dev/null (every thread's output, Python's and C++'s) and returns a
-    private copy of the real stderr, for the one error line that should be read. Idempotent:
-    later calls return the same copy (the first sign of a full disk mutes, the exit reuses it)."""
-    import sys
-    if _MUTED_STDERR:
-        return _MUTED_STDERR[0]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    own = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    _MUTED_STDERR.append(own)
-    return own
-
-
-_MUTED_STDERR: list[int] = []   # the private copy of fd 2 once muted (process-wide, like fd 2)
-
-
-class MuteOnDiskFull(logging.Filter):
-    """A log filter for the console handler: the first library log record about a full disk
-    (Orbax's save threads log it the moment a write fails, before the training loop can see
-    the error) is written as its one line to the real stderr, and stderr is muted from then
-    on. Without this, the failing save threads' tracebacks ("Event loop is closed", pages of
-    them) can reach the console in the window before the loop mutes it."""
-
-    def __init__(self, handler: logging.Handler):
-        super().__init__()
-        self.handler = handler
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _MUTED_STDERR or not _mentions_disk_full(record):
-            return not _MUTED_STDERR
-        own = mute_stderr()
-        try:
-            line = ' '.join(self.handler.format(record).split('\n')[0].split())
-        except Exception:  # noqa: BLE001 - a log line must never raise
-            line = 'a checkpoint write failed: the disk is full'
-        os.write(own, (line + '\n').encode())
-        return False
-
-
-def _mentions_disk_full(record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    if exc is not None and is_disk_full(exc):
-        return True
-    try:
-        msg = record.getMessage()
-    except Exception:  # noqa: BLE001
-        return False
-    return any(f'[Errno {n}]' in msg or os.strerror(n) in msg
-               for n in (errno.ENOSPC, errno.EDQUOT))
-
-
 def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Where the decode-once cache lives: config.cache_dir, else beside the data (shared by
     runs) when that folder is writable, else in the run directory."""
@@ -230,32 +569,6 @@ def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.data_dir and os.access(config.data_dir, os.W_OK):
         return os.path.join(config.data_dir, '.cars_jax_cache')
     return os.path.join(workdir, 'cache')
-
-
-@contextlib.contextmanager
-def _closed_on_error(*managers):
-    """On an error, let in-flight saves finish or fail before the error is reported: a
-    process that exits under Orbax's background threads prints pages of their tracebacks."""
-    try:
-        yield
-    except BaseException as e:
-        if is_disk_full(e):
-            e.stderr_fd = mute_stderr()   # the failing save threads print pages while closing
-        for mgr in managers:
-            try:
-                mgr.close()
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                pass
-        raise
-
-
-# ---- the loop -------------------------------------------------------------------------------
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _make_workdir(workdir: str) -> list[str]:
@@ -303,250 +616,6 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names:
                                     'use a new --workdir.')
 
 
-def _mixing_name(config: ml_collections.ConfigDict) -> str:
-    """'MixUp', 'CutMix' or 'MixUp/CutMix (25% CutMix)': what mixes the batches, for the log."""
-    hyper = mix_hyperparameters(config)
-    mode = mixing_mode(hyper['mixup_alpha'], hyper['cutmix_alpha'], hyper['cutmix_share'])
-    return {'mixup': 'MixUp', 'cutmix': 'CutMix',
-            'both': f'MixUp/CutMix ({hyper["cutmix_share"]:.0%} CutMix)'}[mode]
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       data: DataBundle | None = None, stop_after_steps: int | None = None,
-                       quiet: bool = False) -> dict[str, Any]:
-    """Trains (or resumes) in `workdir`; returns the final report of the best checkpoint.
-
-    stop_after_steps: behave as if preempted once the global step reaches it (tests, and
-    time-boxed jobs): save, and return with report['interrupted'] = True. A start that fails
-    (bad data, ...) leaves no empty run directory behind; one that existed is kept.
-    """
-    validate_config(config)
-    made = _make_workdir(workdir)
-    try:
-        return _train_and_evaluate(config, workdir, data, stop_after_steps, quiet)
-    except BaseException:
-        _remove_if_empty(made)
-        raise
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: DataBundle | None,
-                        stop_after_steps: int | None, quiet: bool) -> dict[str, Any]:
-    primary = jax.process_index() == 0
-    log = Reporter(workdir, quiet, primary)
-    data = data if data is not None else build_data(config)
-    _check_workdir(workdir, config, data.class_names)
-    if primary:
-        _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
-        _write_json(os.path.join(workdir, 'class_names.json'), data.class_names)
-    if data.skipped and primary:
-        _write_json(os.path.join(workdir, 'skipped_files.json'), data.skipped)
-        log(f'Skipped {len(data.skipped)} unreadable files (list: {workdir}/skipped_files.json).')
-        for line in format_skipped(data.skipped, limit=5).splitlines()[1:]:
-            log(line)
-    for note in data.notes:
-        log(note)
-
-    num_classes = len(data.class_names)
-    train_labels = data.train_labels
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
-                                               config.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ConfigError(f'--config.batch_size={config.batch_size} is larger than the '
-                          f'{len(data.train)} training images; use a smaller batch.')
-    total_steps = steps_per_epoch * config.num_epochs
-    aug = AugmentConfig.from_config(config)
-    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = create_train_state(config, init_rng, num_classes, steps_per_epoch)
-    # Data parallel over every device of every process (batch split, state replicated); one
-    # device: plain jit. Several processes: each reads its rows of every global batch.
-    mesh = data_parallel_mesh() if jax.device_count() > 1 else None
-    multi = jax.process_count() > 1
-    shard = (jax.process_index(), jax.process_count())
-    if multi:
-        state = replicate(state, mesh)
-    on_device = augment_on_device(config.augment_on, jax.default_backend())
-    cache = None
-    if on_device:
-        cache = build_cache(data.train, cache_size_for(config.image_size, config.cache_size),
-                            cache_dir=_cache_dir(config, workdir), name='train',
-                            use_bbox=config.use_bbox, bbox_margin=config.bbox_margin, log=log)
-    train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None)
-    train_fn, eval_fn = _FirstCallTimer(train_fn), _FirstCallTimer(eval_fn)
-    latest_mgr, best_mgr = checkpoint_managers(workdir, config.early_stopping_metric)
-    progress = Progress()
-    if latest_mgr.latest_step() is not None:
-        state, meta = _restore_resumable(latest_mgr, state, workdir, log)
-        progress = Progress(**meta['progress'])
-        stopped_early = progress.epoch < config.num_epochs
-        if progress.finished and not (stopped_early and progress.bad_epochs < config.patience):
-            log(_finished_message(workdir, progress, config, stopped_early))
-        else:
-            log(f'Resumed from {workdir} at step {_step(state)} (epoch {progress.epoch + 1}).')
-        if (progress.finished and progress.epoch < config.num_epochs
-                and progress.bad_epochs < config.patience):
-            # Stopped early under a smaller patience: the same trajectory goes on from there.
-            progress.finished = False
-            log(f'The run stopped early after epoch {progress.epoch} ({progress.bad_epochs} '
-                f'epochs without improvement); with --config.patience={config.patience} it '
-                f'continues to epoch {config.num_epochs}.')
-    history_path = os.path.join(workdir, 'metrics.jsonl')
-    history = _read_history(history_path, upto_epoch=progress.epoch, rewrite=primary)
-    tb = open_run_writer(primary and saved_value(config, 'tensorboard'), workdir, _step(state))
-
-    log(f'cars_jax: {num_classes} classes, {data.describe()}; '
-        f'{steps_per_epoch} steps/epoch x {config.num_epochs} '
-        f'epochs, batch {config.batch_size}, {config.image_size}px, on {jax.devices()[0].platform}, '
-        f'augmentation on the {"device (decode-once cache)" if on_device else "host (per image)"}. '
-        f'Train accuracy is measured on augmented images against the original labels, '
-        f'including {_mixing_name(config)} batches ({config.mixup_prob:.0%} of batches), '
-        f'as the seed did.')
-    if state.ema is not None:
-        log(f'EMA of the weights (decay {state.ema_decay}): validation, the best checkpoint and '
-            f'the reports use the averaged weights; train loss/accuracy are the live weights\'.')
-
-    def meta() -> dict:
-        return {'progress': dataclasses.asdict(progress), 'config': json.loads(config.to_json())}
-
-    stopper = _StopSignal()
-    interrupted = False
-    run_start, run_start_step = time.time(), _step(state)
-    with stopper.installed(), _closed_on_error(latest_mgr, best_mgr, tb):
-        while not progress.finished and progress.epoch < config.num_epochs:
-            epoch = progress.epoch
-            if cache is not None:
-                ds = pipeline.cached_train_epoch_dataset(
-                    cache.images, cache.orig_hw, train_labels, seed=config.seed, epoch=epoch,
-                    batch_size=config.batch_size, weighted=config.weighted_sampling,
-                    max_steps=config.max_steps_per_epoch, prefetch=config.prefetch_batches,
-                    shard=shard)
-            else:
-                ds = pipeline.train_epoch_dataset(
-                    data.train, train_labels, aug, seed=config.seed, epoch=epoch,
-                    batch_size=config.batch_size, weighted=config.weighted_sampling,
-                    use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
-                    max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
-                    prefetch=config.prefetch_batches, shard=shard)
-            step_keys = ('image', 'orig_hw', 'label') if cache is not None else ('image', 'label')
-            it = pipeline.iterate(ds, progress.iterator)
-            sums = dict(progress.epoch_sums) or {'loss': 0.0, 'accuracy': 0.0, 'mixed': 0.0,
-                                                 'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
-            sums.setdefault('data_wait', 0.0)
-            t_epoch, compiled_before = time.time(), train_fn.seconds
-            step_in_epoch = _step(state) - epoch * steps_per_epoch
-            first_step_in_epoch = step_in_epoch  # > 0 when resumed mid-epoch
-            t_ready = time.time()
-            for batch in it:
-                # The step before has finished (device_get below), so this is pure loader wait.
-                sums['data_wait'] += time.time() - t_ready
-                step = _step(state)
-                rng = jax.random.fold_in(base_rng, step)
-                step_batch = {k: batch[k] for k in step_keys}
-                state, m = train_fn(state, global_batch(step_batch, mesh) if multi else step_batch,
-                                    rng)
-                m = host_local(m)
-                if not m['finite']:
-                    raise TrainingError(_nonfinite_message(step, epoch, batch, data.train, m,
-                                                           latest_mgr, best_mgr))
-                sums['loss'] += float(m['loss'])
-                sums['accuracy'] += float(m['accuracy'])
-                sums['mixed'] += float(m['mixed'])
-                sums['unmixed_correct'] += float(m['accuracy']) * (1 - float(m['mixed']))
-                sums['n'] += 1
-                tb.step(step + 1, float(m['loss']), float(m['lr']))
-                step_in_epoch += 1
-                progress.iterator, progress.epoch_sums = it.get_state(), sums
-                if step_in_epoch % config.log_every_steps == 0 and step_in_epoch < steps_per_epoch:
-                    rate = ((step_in_epoch - first_step_in_epoch) * config.batch_size
-                            / max(time.time() - t_epoch - (train_fn.seconds - compiled_before),
-                                  1e-9))
-                    eta = (steps_per_epoch - step_in_epoch) * config.batch_size / rate
-                    log(f'  epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} '
-                        f'loss {sums["loss"] / sums["n"]:.4f} lr {float(m["lr"]):.2e} '
-                        f'{rate:.1f} img/s, epoch ETA {_fmt_time(eta)}')
-                if config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
-                    save_checkpoint(latest_mgr, state, meta())
-                if stopper.received is not None or (stop_after_steps is not None
-                                                    and step + 1 >= stop_after_steps):
-                    interrupted = True
-                    break
-                t_ready = time.time()
-            if interrupted:
-                sums['time'] += time.time() - t_epoch
-                save_checkpoint(latest_mgr, state, meta())
-                latest_mgr.wait_until_finished()
-                why = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}.get(stopper.received,
-                                                                               'stop requested')
-                log(f'{why}: saved a checkpoint at step {_step(state)} in {workdir}. '
-                    'Run the same command again to resume.')
-                break
-
-            train_time = sums['time'] + time.time() - t_epoch
-            val = evaluate(eval_fn, state, data.val, config, mesh)
-            if val['count'] and not math.isfinite(val['loss']):  # diverged: never checkpoint it
-                raise TrainingError(_nonfinite_message(_step(state), epoch, None, data.train,
-                                                       val, latest_mgr, best_mgr))
-            improved = improves(config.early_stopping_metric, progress, val, config.min_delta)
-            if improved:
-                progress.best_val_loss, progress.best_val_accuracy = val['loss'], val['accuracy']
-                progress.best_epoch, progress.bad_epochs = epoch, 0
-            else:
-                progress.bad_epochs += 1
-            n = max(sums['n'], 1)
-            unmixed = n - sums['mixed']
-            record = {
-                'epoch': epoch + 1, 'step': _step(state),
-                'train_loss': sums['loss'] / n, 'train_accuracy': sums['accuracy'] / n,
-                'train_accuracy_unmixed': sums['unmixed_correct'] / unmixed if unmixed else None,
-                'mixup_share': sums['mixed'] / n,
-                'val_loss': val['loss'], 'val_accuracy': val['accuracy'], 'val_top5': val['top5'],
-                'lr': float(state.lr_schedule(_step(state))), 'epoch_time_s': train_time,
-                'img_per_s': n * config.batch_size / max(train_time, 1e-9),
-                'data_wait_share': sums['data_wait'] / max(train_time, 1e-9), 'improved': improved,
-            }
-            history.append(record)
-            if primary:
-                with open(history_path, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-                plot_curves(history, os.path.join(workdir, 'curves.png'))
-                tb.epoch(record, os.path.join(workdir, 'curves.png'))
-            done_steps = _step(state) - run_start_step
-            rate = done_steps / max(time.time() - run_start - train_fn.seconds
-                                    - eval_fn.seconds, 1e-9)   # steady state: no compile
-            eta = (total_steps - _step(state)) / rate if rate > 0 else 0.0
-            log(f'Epoch {epoch + 1}/{config.num_epochs} | train loss {record["train_loss"]:.4f} '
-                f'acc {record["train_accuracy"]:.3f} | val loss {val["loss"]:.4f} '
-                f'acc {val["accuracy"]:.3f} top5 {val["top5"]:.3f} | lr {record["lr"]:.2e} | '
-                f'{record["img_per_s"]:.1f} img/s, {train_time:.1f}s, waiting for data '
-                f'{record["data_wait_share"]:.0%} | ETA {_fmt_time(eta)}'
-                + (' | best, saved' if improved else f' | no improvement {progress.bad_epochs}/'
-                   f'{config.patience}'))
-            stop = progress.bad_epochs >= config.patience
-            progress.epoch, progress.iterator, progress.epoch_sums = epoch + 1, None, {}
-            progress.finished = stop or progress.epoch >= config.num_epochs
-            if improved:
-                save_checkpoint(best_mgr, state, meta(), metrics={'val_loss': val['loss'],
-                                                        'val_accuracy': val['accuracy']})
-            save_checkpoint(latest_mgr, state, meta(), overwrite=True)
-            if stop:
-                log(f'Early stopping at epoch {epoch + 1}: no '
-                    f'{_METRIC_WORDS[config.early_stopping_metric]} improvement > '
-                    f'{config.min_delta} for {config.patience} epochs.')
-    latest_mgr.wait_until_finished()
-    best_mgr.wait_until_finished()
-    if interrupted:
-        latest_mgr.close()
-        best_mgr.close()
-        tb.close()
-        return {'interrupted': True, 'step': _step(state)}
-
-    report = _final_report(config, workdir, data, state, eval_fn, best_mgr, history, log, mesh)
-    tb.final(report, os.path.join(workdir, 'eval'), _step(state))
-    tb.close()
-    latest_mgr.close()
-    best_mgr.close()
-    return report
-
-
 def _finished_message(workdir: str, progress: Progress, config: ml_collections.ConfigDict,
                       stopped_early: bool) -> str:
     """What a rerun of a finished run does (report it again) and how to go further."""
@@ -557,40 +626,6 @@ def _finished_message(workdir: str, progress: Progress, config: ml_collections.C
             f'python main.py --mode=eval --workdir={workdir}. To train longer, use a new '
             '--workdir with a larger --config.num_epochs (the one-cycle schedule spans '
             'num_epochs).')
-
-
-def _final_report(config, workdir, data: DataBundle, last_state: TrainState, eval_fn, best_mgr,
-                  history, log, mesh=None) -> dict[str, Any]:
-    """Restores the best checkpoint and evaluates it: that is what the run reports."""
-    best_step = best_mgr.best_step()
-    if best_step is None:
-        raise TrainingError('no best checkpoint was written (did every epoch fail to improve?)')
-    best_state, best_meta = restore_checkpoint(best_mgr, last_state, best_step)
-    best_epoch = best_meta['progress']['best_epoch'] + 1
-    val = evaluate(eval_fn, best_state, data.val, config, mesh)
-    report: dict[str, Any] = {'best_epoch': best_epoch, 'best_step': best_step, 'val': val,
-                              'epochs_run': len(history)}
-    log(f'Best checkpoint: epoch {best_epoch} (step {best_step}): val loss {val["loss"]:.4f}, '
-        f'top-1 {val["accuracy"]:.4f}, top-5 {val["top5"]:.4f} on {val["count"]} images.')
-    if history:
-        last = history[-1]
-        report['last_epoch_val'] = {'epoch': last['epoch'], 'accuracy': last['val_accuracy'],
-                                    'loss': last['val_loss']}
-        log(f'(The seed reported its last in-memory weights instead: epoch {last["epoch"]} had '
-            f'val top-1 {last["val_accuracy"]:.4f}, loss {last["val_loss"]:.4f}. We report the '
-            f'best-{_METRIC_WORDS[config.early_stopping_metric]} checkpoint.)')
-    if len(data.test):
-        test = evaluate(eval_fn, best_state, data.test, config, mesh)
-        report['test'] = test
-        log(f'Test (evaluated once, best checkpoint): top-1 {test["accuracy"]:.4f}, '
-            f'top-5 {test["top5"]:.4f}, loss {test["loss"]:.4f} on {test["count"]} images.')
-    if jax.process_index() == 0:   # figures and tables: process 0 alone, on a local copy
-        local = best_state if jax.process_count() == 1 else jax.device_put(host_local(best_state))
-        report['reports'] = full_report(local, data, config, os.path.join(workdir, 'eval'), log)
-        _write_json(os.path.join(workdir, 'final_report.json'), report)
-    if jax.process_count() > 1:    # the others wait: a process that exits early fails the run
-        multihost_utils.sync_global_devices('cars_jax_final_report')
-    return report
 
 
 def _read_history(path: str, upto_epoch: int, rewrite: bool = True) -> list[dict]:
@@ -606,12 +641,8 @@ def _read_history(path: str, upto_epoch: int, rewrite: bool = True) -> list[dict
             except ValueError:
                 continue
     rows = [r for r in rows if isinstance(r, dict) and r.get('epoch', math.inf) <= upto_epoch]
-    if not rewrite:
-        return rows
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in rows)
-    os.replace(tmp, path)
+    if rewrite:
+        atomic_write_text(path, lambda f: f.writelines(json.dumps(r) + '\n' for r in rows))
     return rows
 
 
@@ -658,4 +689,4 @@ def _nonfinite_message(step, epoch, batch, records, m, latest_mgr, best_mgr) -> 
 
 
 __all__ = ['train_and_evaluate', 'evaluate', 'restore_checkpoint', 'checkpoint_managers',
-           'TrainingError', 'Progress']
+           'TrainingError', 'Progress', 'EpochMeter']

@@ -469,7 +469,7 @@ def test_full_disk_is_a_clear_error_and_the_last_checkpoint_is_intact(demo_dir, 
 
 _MUTE_AFTER_FIRST_DISK_FULL_RECORD = r'''
 import errno, logging, os, sys, threading
-from cars_jax.train import MuteOnDiskFull
+from cars_jax.console import MuteOnDiskFull
 handler = logging.StreamHandler(sys.stderr)
 handler.setFormatter(logging.Formatter('E %(message)s'))
 handler.addFilter(MuteOnDiskFull(handler))
