@@ -275,9 +275,11 @@ def test_ctrl_c_with_the_console_pipe_closed_saves_logs_and_exits_0(demo_dir, tm
     raise BrokenPipeError; the save line still reaches log.txt."""
     workdir = tmp_path / 'run'
     with open(tmp_path / 'stderr.txt', 'w') as err:
-        proc = subprocess.Popen([sys.executable, MAIN, *TINY, f'--config.data_dir={demo_dir}',
-                                 f'--workdir={workdir}'], cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=ENV)
+        # 100 epochs (the last flag wins), so the run is still training when the signal comes
+        # after the pause below, however fast the machine: the tiny default is 8 steps
+        proc = subprocess.Popen([sys.executable, MAIN, *TINY, '--config.num_epochs=100',
+                                 f'--config.data_dir={demo_dir}', f'--workdir={workdir}'],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
         read_until(proc, 'epoch 1 step 1/')
         proc.stdout.close()                 # the reader exits: writes now get EPIPE
         time.sleep(2)                       # a few more progress lines hit the closed pipe
