@@ -97,6 +97,41 @@ def build_seed_resnet(torch: Any, num_classes: int = 196,
     return VehicleResNet(num_classes)
 
 
+def mixup_data(torch: Any, x: Any, y: Any, alpha: float) -> tuple:
+    """The notebook's mixup_data, verbatim."""
+    if alpha <= 0:
+        return x, y, y, 1.0
+    lam = np.random.beta(alpha, alpha)
+    idx = torch.randperm(x.size(0)).to(x.device)
+    mixed_x = lam * x + (1 - lam) * x[idx]
+    return mixed_x, y, y[idx], lam
+
+
+def mixup_loss(criterion: Any, pred: Any, y_a: Any, y_b: Any, lam: float) -> Any:
+    """The notebook's mixup_loss, verbatim."""
+    return lam * criterion(pred, y_a) + (1 - lam) * criterion(pred, y_b)
+
+
+def seed_train_step(torch: Any, model: Any, criterion: Any, optimizer: Any, scheduler: Any,
+                    x: Any, y: Any, mix: bool, alpha: float) -> tuple[Any, Any]:
+    """One optimizer step of the notebook's loop (the model already in train mode): MixUp
+    through its mixup_data / mixup_loss when `mix`, the criterion, the optimizer and the
+    per-batch OneCycleLR step. Returns (logits, loss); the benchmark and the training script
+    share it."""
+    optimizer.zero_grad()
+    if mix:
+        x_m, y_a, y_b, lam = mixup_data(torch, x, y, alpha)
+        out = model(x_m)
+        loss = mixup_loss(criterion, out, y_a, y_b, lam)
+    else:
+        out = model(x)
+        loss = criterion(out, y)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return out, loss
+
+
 def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, repeats: int, *,
                      num_classes: int = 196, stage_sizes: Sequence[int] = SEED_STAGES,
                      widths: Sequence[int] = SEED_WIDTHS, num_threads: int | None = None) -> dict:
@@ -124,18 +159,8 @@ def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, r
 
         def train(i: int) -> float:
             model.train()
-            optimizer.zero_grad()
-            if i % 2 == 0:                                    # the seed's mixup_data / mixup_loss
-                lam = float(rng.beta(0.4, 0.4))
-                idx = torch.randperm(x.size(0))
-                out = model(lam * x + (1 - lam) * x[idx])
-                loss = lam * criterion(out, y) + (1 - lam) * criterion(out, y[idx])
-            else:
-                out = model(x)
-                loss = criterion(out, y)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            _, loss = seed_train_step(torch, model, criterion, optimizer, scheduler, x, y,
+                                      mix=i % 2 == 0, alpha=0.4)      # MixUp on half the batches
             return float(loss.detach())
 
         t = time.perf_counter()

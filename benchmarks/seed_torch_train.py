@@ -147,21 +147,6 @@ def _to_nchw(x, channels_last: bool):
     return x.permute(0, 3, 1, 2).contiguous() if channels_last else x
 
 
-def mixup_data(torch, x, y, alpha: float):
-    """The notebook's mixup_data, verbatim."""
-    if alpha <= 0:
-        return x, y, y, 1.0
-    lam = np.random.beta(alpha, alpha)
-    idx = torch.randperm(x.size(0)).to(x.device)
-    mixed_x = lam * x + (1 - lam) * x[idx]
-    return mixed_x, y, y[idx], lam
-
-
-def mixup_loss(criterion, pred, y_a, y_b, lam):
-    """The notebook's mixup_loss, verbatim."""
-    return lam * criterion(pred, y_a) + (1 - lam) * criterion(pred, y_b)
-
-
 def evaluate(torch, model, loader, criterion, device, channels_last: bool) -> dict:
     """Per-image mean loss (the training criterion), top-1 and top-5 accuracy."""
     model.eval()
@@ -354,18 +339,10 @@ def train(config, workdir: str, *, epochs: int | None = None,
                 wait += time.time() - t
                 if lr_first is None:
                     lr_first = optimizer.param_groups[0]['lr']
-                optimizer.zero_grad()
-                if random.random() < mixup_prob:
-                    x_m, y_a, y_b, lam = mixup_data(torch, x, y, alpha)
-                    out = model(x_m)
-                    loss = mixup_loss(criterion, out, y_a, y_b, lam)
-                    mixed += 1
-                else:
-                    out = model(x)
-                    loss = criterion(out, y)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                mix = random.random() < mixup_prob               # the notebook's coin
+                out, loss = seed_torch.seed_train_step(torch, model, criterion, optimizer,
+                                                       scheduler, x, y, mix, alpha)
+                mixed += mix
                 loss_sum += float(loss.detach()) * y.size(0)
                 correct += int((out.argmax(1) == y).sum())
                 seen += y.size(0)
