@@ -388,7 +388,7 @@ def run_fused(num_images: int = 8144, num_classes: int = 196, cache_size: int = 
     from cars_jax.steps import create_train_state
 
     size = cache_size_for(image_size, cache_size)
-    spe = spe_of(num_images, batch_size)
+    spe = spe_of(num_images, batch_size, drop_last=True)   # the fused scan: full batches only
     if spe < 1:
         raise ValueError(f'{num_images} images cannot fill one batch of {batch_size}')
     chunks = chunk_sizes(spe, chunk_steps)

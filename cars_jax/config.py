@@ -83,6 +83,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('cutmix_alpha', cutmix_alpha, 'must be a finite number >= 0 (0: no CutMix)')
     if not isinstance(cutmix_share, (int, float)) or not 0 <= cutmix_share <= 1:
         _fail('cutmix_share', cutmix_share, 'must be a number in [0, 1]')
+    if not isinstance(saved_value(config, 'drop_last_batch'), bool):
+        _fail('drop_last_batch', config.drop_last_batch, 'must be True or False')
     if not isinstance(saved_value(config, 'tensorboard'), bool):
         _fail('tensorboard', config.tensorboard, 'must be True or False')
     if not 0 < config.pct_start < 1:
@@ -114,11 +116,13 @@ def _check_image_size(config: ml_collections.ConfigDict) -> None:
 # Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).
 _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir', 'image_size',
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
-               'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay')
-# Values of fields added after runs were made: a saved config without them used these.
+               'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay',
+               'drop_last_batch')
+# Values of fields added after runs were made: a saved config without them used these
+# (drop_last_batch: earlier runs dropped each epoch's last partial batch).
 _ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
                          'zero_init_last_bn': False, 'ema_decay': 0.0, 'cutmix_alpha': 0.0,
-                         'cutmix_share': 0.5, 'tensorboard': True}
+                         'cutmix_share': 0.5, 'tensorboard': True, 'drop_last_batch': True}
 
 
 def saved_value(saved: Any, key: str) -> Any:
@@ -130,7 +134,7 @@ def saved_value(saved: Any, key: str) -> Any:
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """Fields in which a resumed run's config differs from the one its checkpoint was made with."""
     now = json.loads(current.to_json())
-    return [f'{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}'
+    return [f'{k}: checkpoint has {saved_value(saved, k)!r}, now {now.get(k)!r}'
             for k in _STRUCTURAL if _norm(saved_value(saved, k)) != _norm(now.get(k))]
 
 

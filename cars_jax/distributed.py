@@ -63,16 +63,25 @@ def _has_accelerator_plugin() -> bool:
 
 def shard_rows(indices: np.ndarray, batch_size: int, process_index: int,
                process_count: int) -> np.ndarray:
-    """This process's rows of every global batch: `indices` (n_steps * batch_size, global
-    order) -> (n_steps * batch_size / process_count), batch after batch."""
+    """This process's rows of every global batch: `indices` (global order, whole batches of
+    batch_size and possibly one last partial batch) -> its share, batch after batch. Each
+    process takes a contiguous 1 / process_count of every batch, the partial one included
+    (its size must divide by process_count: `pipeline.epoch_batch_sizes` makes it so)."""
     if process_count == 1:
         return indices
     if batch_size % process_count:
         raise ValueError(f'--config.batch_size={batch_size} must be divisible by the '
                          f'{process_count} processes.')
+    indices = np.asarray(indices)
+    full = len(indices) // batch_size * batch_size
     local = batch_size // process_count
-    rows = np.asarray(indices).reshape(-1, batch_size)
-    return rows[:, process_index * local:(process_index + 1) * local].reshape(-1)
+    rows = indices[:full].reshape(-1, batch_size)
+    head = rows[:, process_index * local:(process_index + 1) * local].reshape(-1)
+    tail = indices[full:]
+    if len(tail) % process_count:
+        raise ValueError(f'a last batch of {len(tail)} rows does not split over '
+                         f'{process_count} processes.')
+    return np.concatenate([head, tail.reshape(process_count, -1)[process_index]])
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

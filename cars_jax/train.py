@@ -160,17 +160,19 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
            log: Reporter) -> tuple[_Run, TrainState]:
     """A fresh TrainState, the mesh, the decode-once cache, the jitted steps and the
     checkpoint managers."""
-    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
-                                               config.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ConfigError(f'--config.batch_size={config.batch_size} is larger than the '
-                          f'{len(data.train)} training images; use a smaller batch.')
-    aug = AugmentConfig.from_config(config)
-    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = create_train_state(config, init_rng, len(data.class_names), steps_per_epoch)
     # Data parallel over every device of every process (batch split, state replicated); one
     # device: plain jit. Several processes: each reads its rows of every global batch.
     mesh = data_parallel_mesh() if jax.device_count() > 1 else None
+    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
+                                               config.max_steps_per_epoch,
+                                               saved_value(config, 'drop_last_batch'),
+                                               _num_devices(mesh))
+    if steps_per_epoch == 0:
+        raise ConfigError(f'--config.batch_size={config.batch_size}: the {len(data.train)} '
+                          'training images do not fill one batch; use a smaller batch.')
+    aug = AugmentConfig.from_config(config)
+    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state = create_train_state(config, init_rng, len(data.class_names), steps_per_epoch)
     if jax.process_count() > 1:
         state = replicate(state, mesh)
     on_device = augment_on_device(config.augment_on, jax.default_backend())
@@ -184,6 +186,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
     run = _Run(config, workdir, data, log, steps_per_epoch, aug, base_rng, mesh, cache,
                _FirstCallTimer(train_fn), _FirstCallTimer(eval_fn), latest_mgr, best_mgr)
     return run, state
+
+
+def _num_devices(mesh) -> int:
+    """The devices a batch is split over (a last partial batch is cut to a multiple)."""
+    return 1 if mesh is None else mesh.size
 
 
 def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
@@ -267,7 +274,8 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
         if not m['finite']:
             raise TrainingError(_nonfinite_message(step, epoch, batch, run.data.train, m,
                                                    run.latest_mgr, run.best_mgr))
-        meter.add(m)
+        meter.add(m, images=len(batch['label']) * jax.process_count(),
+                  batch_size=config.batch_size)
         tb.step(step + 1, float(m['loss']), float(m['lr']))
         step_in_epoch += 1
         progress.iterator, progress.epoch_sums = it.get_state(), meter.sums
@@ -294,16 +302,19 @@ def _epoch_dataset(run: _Run, epoch: int):
     """Epoch `epoch`'s batches: from the decode-once cache, or decoded and augmented on the
     host."""
     config, shard = run.config, (jax.process_index(), jax.process_count())
+    drop_last, devices = saved_value(config, 'drop_last_batch'), _num_devices(run.mesh)
     if run.cache is not None:
         return pipeline.cached_train_epoch_dataset(
             run.cache.images, run.cache.orig_hw, run.data.train_labels, seed=config.seed,
             epoch=epoch, batch_size=config.batch_size, weighted=config.weighted_sampling,
-            max_steps=config.max_steps_per_epoch, prefetch=config.prefetch_batches, shard=shard)
+            max_steps=config.max_steps_per_epoch, drop_last=drop_last, num_devices=devices,
+            prefetch=config.prefetch_batches, shard=shard)
     return pipeline.train_epoch_dataset(
         run.data.train, run.data.train_labels, run.aug, seed=config.seed, epoch=epoch,
         batch_size=config.batch_size, weighted=config.weighted_sampling,
         use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
-        max_steps=config.max_steps_per_epoch, num_workers=config.num_workers,
+        max_steps=config.max_steps_per_epoch, drop_last=drop_last, num_devices=devices,
+        num_workers=config.num_workers,
         prefetch=config.prefetch_batches, shard=shard)
 
 
@@ -418,14 +429,18 @@ class EpochMeter:
                                          'unmixed_correct': 0.0, 'n': 0, 'time': 0.0}
         self.sums.setdefault('data_wait', 0.0)
 
-    def add(self, m: dict) -> None:
-        """One step's host-local metrics (loss, accuracy, mixed)."""
+    def add(self, m: dict, images: int | None = None, batch_size: int | None = None) -> None:
+        """One step's host-local metrics (loss, accuracy, mixed) of a batch of `images` rows
+        out of a full `batch_size`: the sums weigh each step by images / batch_size (1 for a
+        full batch), so the epoch's means are over images, as the seed's (a last partial
+        batch counts for its rows), and `n` is the epoch's images in full batches' worth."""
+        w = 1.0 if images is None or not batch_size else images / batch_size
         s = self.sums
-        s['loss'] += float(m['loss'])
-        s['accuracy'] += float(m['accuracy'])
-        s['mixed'] += float(m['mixed'])
-        s['unmixed_correct'] += float(m['accuracy']) * (1 - float(m['mixed']))
-        s['n'] += 1
+        s['loss'] += w * float(m['loss'])
+        s['accuracy'] += w * float(m['accuracy'])
+        s['mixed'] += w * float(m['mixed'])
+        s['unmixed_correct'] += w * float(m['accuracy']) * (1 - float(m['mixed']))
+        s['n'] += w
 
     def add_data_wait(self, seconds: float) -> None:
         self.sums['data_wait'] += seconds
@@ -435,14 +450,16 @@ class EpochMeter:
 
     @property
     def mean_loss(self) -> float:
-        return self.sums['loss'] / max(self.sums['n'], 1)
+        return self.sums['loss'] / (self.sums['n'] or 1)
 
     def summary(self, batch_size: int) -> dict[str, Any]:
-        """The epoch's training fields of its metrics.jsonl line."""
+        """The epoch's training fields of its metrics.jsonl line (train_images: the images
+        its steps trained on)."""
         s = self.sums
-        n = max(s['n'], 1)
+        n = s['n'] or 1      # a float (full batches' worth); under 1 for one partial batch
         unmixed = n - s['mixed']
-        return {'train_loss': s['loss'] / n, 'train_accuracy': s['accuracy'] / n,
+        return {'train_images': round(s['n'] * batch_size),
+                'train_loss': s['loss'] / n, 'train_accuracy': s['accuracy'] / n,
                 'train_accuracy_unmixed': s['unmixed_correct'] / unmixed if unmixed else None,
                 'mixup_share': s['mixed'] / n, 'epoch_time_s': s['time'],
                 'img_per_s': n * batch_size / max(s['time'], 1e-9),
@@ -450,8 +467,8 @@ class EpochMeter:
 
 
 # A metrics.jsonl line: these fields, in this order.
-METRICS_FIELDS = ('epoch', 'step', 'train_loss', 'train_accuracy', 'train_accuracy_unmixed',
-                  'mixup_share', 'val_loss', 'val_accuracy', 'val_top5', 'lr', 'epoch_time_s',
+METRICS_FIELDS = ('epoch', 'step', 'train_images', 'train_loss', 'train_accuracy',
+                  'train_accuracy_unmixed', 'mixup_share', 'val_loss', 'val_accuracy', 'val_top5', 'lr', 'epoch_time_s',
                   'img_per_s', 'data_wait_share', 'improved')
 
 

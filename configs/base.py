@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = 'adamw'          # adamw (the seed) | sgd (Nesterov, decoupled decay)
     c.momentum = 0.9               # sgd only
     c.batch_size = 32
+    c.drop_last_batch = False      # False: train each epoch's last partial batch too, ceil(N / batch)
+                                   #   steps (the seed's DataLoader, drop_last=False); True: full
+                                   #   batches only, N // batch steps. Several devices: the partial
+                                   #   batch is cut to a multiple of the device count
     c.num_epochs = 70
     c.learning_rate = 1e-3         # AdamW lr = OneCycleLR max_lr
     c.weight_decay = 1e-4

@@ -71,7 +71,85 @@ def test_max_steps_cuts_the_epoch():
     ds = pipeline.train_epoch_dataset(_records(labels), labels, _aug(), seed=0, epoch=0,
                                       batch_size=4, max_steps=2)
     assert len(list(ds)) == 2
-    assert pipeline.steps_per_epoch(20, 4, 2) == 2 and pipeline.steps_per_epoch(21, 4) == 5
+    assert pipeline.steps_per_epoch(20, 4, 2) == 2 and pipeline.steps_per_epoch(21, 4, 2) == 2
+    # uncut: the 21st image is a batch of its own (the seed's drop_last=False), or dropped
+    assert pipeline.steps_per_epoch(21, 4) == 6
+    assert pipeline.steps_per_epoch(21, 4, drop_last=True) == 5
+
+
+@pytest.mark.parametrize('n,batch', [(8144, 32), (10, 4), (21, 4), (20, 4), (3, 8), (1, 1),
+                                     (33, 32), (31, 32), (8041, 64)])
+@pytest.mark.parametrize('drop_last', [False, True])
+def test_steps_per_epoch_is_the_length_of_torchs_dataloader(n, batch, drop_last):
+    torch = pytest.importorskip('torch')
+    loader = torch.utils.data.DataLoader(range(n), batch_size=batch, drop_last=drop_last)
+    assert pipeline.steps_per_epoch(n, batch, drop_last=drop_last) == len(loader)
+    by_hand = n // batch if drop_last else (n + batch - 1) // batch
+    assert pipeline.steps_per_epoch(n, batch, drop_last=drop_last) == by_hand
+    sizes = pipeline.epoch_batch_sizes(n, batch, drop_last=drop_last)
+    assert sizes == [len(b) for b in loader]
+
+
+def test_the_seeds_epoch_is_255_steps_and_drop_last_batch_keeps_the_old_254():
+    assert pipeline.steps_per_epoch(8144, 32) == 255                 # ceil(8144 / 32)
+    assert pipeline.steps_per_epoch(8144, 32, drop_last=True) == 254
+    assert pipeline.epoch_batch_sizes(8144, 32)[-1] == 8144 - 254 * 32 == 16
+
+
+@pytest.mark.parametrize('n,batch,devices,sizes', [
+    (22, 8, 1, [8, 8, 6]),
+    (22, 8, 2, [8, 8, 6]),       # 6 rows split 3 + 3
+    (22, 8, 4, [8, 8, 4]),       # 6 -> 4: 2 images of the draw unused (< 4 devices)
+    (22, 8, 8, [8, 8]),          # 6 -> 0: the partial batch goes
+    (8144, 32, 8, [32] * 254 + [16]),
+    (8144, 32, 32, [32] * 254),  # 16 rows cannot split over 32 devices
+])
+def test_the_last_batch_is_cut_to_a_multiple_of_the_devices(n, batch, devices, sizes):
+    got = pipeline.epoch_batch_sizes(n, batch, num_devices=devices)
+    assert got == sizes
+    assert n - sum(got) == (n % batch) % devices
+    assert pipeline.steps_per_epoch(n, batch, num_devices=devices) == len(sizes)
+
+
+def test_an_epoch_of_10_images_with_batch_4_trains_4_4_2_every_drawn_image():
+    labels = np.arange(10) % 3
+    recs = _records(labels)
+    kw = dict(seed=3, epoch=1, batch_size=4, weighted=True)
+    batches = list(pipeline.train_epoch_dataset(recs, labels, _aug(), **kw))
+    assert [len(b['label']) for b in batches] == [4, 4, 2]
+    drawn = pipeline.epoch_indices(labels, seed=3, epoch=1)
+    np.testing.assert_array_equal(np.concatenate([b['index'] for b in batches]), drawn)
+    assert batches[-1]['image'].shape == (2, 16, 16, 3)
+    old = list(pipeline.train_epoch_dataset(recs, labels, _aug(), drop_last=True, **kw))
+    assert [len(b['label']) for b in old] == [4, 4]
+    cut = list(pipeline.train_epoch_dataset(recs, labels, _aug(), max_steps=2, **kw))
+    assert [len(b['label']) for b in cut] == [4, 4]
+
+
+def test_the_cached_epoch_has_the_same_partial_last_batch():
+    labels = np.arange(10) % 3
+    images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    hw = np.full((10, 2), 4)
+    batches = list(pipeline.cached_train_epoch_dataset(images, hw, labels, seed=3, epoch=1,
+                                                       batch_size=4))
+    assert [len(b['label']) for b in batches] == [4, 4, 2]
+    drawn = pipeline.epoch_indices(labels, seed=3, epoch=1)
+    np.testing.assert_array_equal(np.concatenate([b['index'] for b in batches]), drawn)
+    np.testing.assert_array_equal(batches[-1]['image'][:, 0, 0, 0], drawn[8:])
+
+
+def test_the_iterator_resumes_exactly_before_the_partial_batch():
+    labels = np.arange(10) % 3
+    recs = _records(labels)
+    make = lambda: pipeline.train_epoch_dataset(recs, labels, _aug(), seed=5, epoch=0,
+                                                batch_size=4)
+    it = pipeline.iterate(make())
+    next(it), next(it)
+    state = it.get_state()
+    rest, resumed = list(it), list(pipeline.iterate(make(), state))
+    assert [len(b['label']) for b in rest] == [len(b['label']) for b in resumed] == [2]
+    np.testing.assert_array_equal(rest[0]['image'], resumed[0]['image'])
+    np.testing.assert_array_equal(rest[0]['index'], resumed[0]['index'])
 
 
 def test_iterator_state_resumes_exactly():
@@ -151,3 +229,28 @@ def test_processes_read_their_rows_and_together_make_the_single_process_batches(
     assert sum(float(b['mask'].sum()) for part in ev_parts for b in part) == 21
     assert len({len(part) for part in ev_parts}) == 1            # same number of steps
     assert sum(len(b['label']) for b in ev) == 21
+
+
+@pytest.mark.parametrize('processes,devices,sizes', [(2, 2, [8, 8, 6]), (2, 4, [8, 8, 4]),
+                                                     (4, 4, [8, 8, 4])])
+def test_processes_split_the_partial_last_batch_too(processes, devices, sizes):
+    """22 images, batch 8: the last 6 are split over the processes when they divide over the
+    devices, else cut to the largest multiple of the device count."""
+    labels = np.arange(22) % 4
+    recs, aug = _records(labels), _aug()
+    kw = dict(seed=5, epoch=2, batch_size=8, weighted=True, num_devices=devices)
+    whole = list(pipeline.train_epoch_dataset(recs, labels, aug, **kw))
+    assert [len(b['label']) for b in whole] == sizes
+    parts = [list(pipeline.train_epoch_dataset(recs, labels, aug, shard=(p, processes), **kw))
+             for p in range(processes)]
+    for k, batch in enumerate(whole):
+        assert all(len(part[k]['label']) == sizes[k] // processes for part in parts)
+        for key in ('image', 'label', 'index'):
+            np.testing.assert_array_equal(np.concatenate([part[k][key] for part in parts]),
+                                          batch[key])
+    cached = [list(pipeline.cached_train_epoch_dataset(
+        np.zeros((22, 2, 2, 3), np.uint8), np.full((22, 2), 2), labels, shard=(p, processes),
+        **kw)) for p in range(processes)]
+    for k, batch in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([part[k]['index'] for part in cached]),
+                                      batch['index'])

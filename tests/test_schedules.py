@@ -114,3 +114,32 @@ def test_rejects_bad_arguments():
         onecycle_schedule(1, 1e-3)
     with pytest.raises(ValueError):
         onecycle_schedule(100, 1e-3, pct_start=0.0)
+
+
+def test_the_runs_one_cycle_peaks_where_torchs_does_for_the_seeds_8144_images():
+    """The schedule the training loop builds (steps per epoch from the data, as the seed's
+    DataLoader(drop_last=False) counts them) against torch's OneCycleLR over the seed's run."""
+    torch = pytest.importorskip('torch')
+    import base
+    from cars_jax.data.pipeline import steps_per_epoch
+    from cars_jax.optim import make_optimizer
+    n, batch, epochs = 8144, 32, 70
+    loader_len = len(torch.utils.data.DataLoader(range(n), batch_size=batch, drop_last=False))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, epochs=epochs,
+                                                steps_per_epoch=loader_len, pct_start=0.1,
+                                                anneal_strategy='cos')
+    torch_lr = []
+    for _ in range(epochs * loader_len):
+        torch_lr.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    c = base.get_config()
+    c.num_epochs, c.batch_size = epochs, batch
+    spe = steps_per_epoch(n, c.batch_size, drop_last=c.drop_last_batch)
+    _, schedule = make_optimizer(c, spe)
+    ours = _all_steps(schedule, epochs * spe)
+    assert len(ours) == len(torch_lr) == 17850
+    assert int(np.argmax(ours)) == int(np.argmax(torch_lr)) == int(0.1 * 17850 - 1) == 1784
+    # float32: as in test_seed_schedule_all_steps_and_is_optax_own (3.1e-3 at the tail)
+    np.testing.assert_allclose(ours, torch_lr, rtol=5e-3)

@@ -118,20 +118,44 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.Ite
     return it
 
 
-def steps_per_epoch(num_records: int, batch_size: int, max_steps: int = 0) -> int:
-    steps = num_records // batch_size
-    return min(steps, max_steps) if max_steps > 0 else steps
+def epoch_batch_sizes(num_records: int, batch_size: int, max_steps: int = 0,
+                      drop_last: bool = False, num_devices: int = 1) -> list[int]:
+    """The global batch sizes of one train epoch, in order.
+
+    As the seed's DataLoader(drop_last=False): full batches, then the remainder as one last
+    partial batch (ceil(N / batch_size) steps). drop_last: full batches only (N // batch_size).
+    num_devices (of the data-parallel mesh, every process's): the partial batch is split over
+    them, so it is cut down to a multiple of num_devices; at most num_devices - 1 images of the
+    epoch's draw go unused, and none when the remainder divides. max_steps > 0 cuts the epoch
+    to its first max_steps batches (smoke tests)."""
+    full, rest = divmod(int(num_records), int(batch_size))
+    rest = 0 if drop_last else rest - rest % max(int(num_devices), 1)
+    sizes = [int(batch_size)] * full + ([rest] if rest else [])
+    return sizes[:max_steps] if max_steps > 0 else sizes
+
+
+def steps_per_epoch(num_records: int, batch_size: int, max_steps: int = 0,
+                    drop_last: bool = False, num_devices: int = 1) -> int:
+    """Optimizer steps per epoch: ceil(N / batch_size) (the seed), see `epoch_batch_sizes`."""
+    return len(epoch_batch_sizes(num_records, batch_size, max_steps, drop_last, num_devices))
+
+
+def _epoch_rows(num_records: int, batch_size: int, max_steps: int, drop_last: bool,
+                num_devices: int) -> int:
+    return sum(epoch_batch_sizes(num_records, batch_size, max_steps, drop_last, num_devices))
 
 
 def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: AugmentConfig, *,
                         seed: int, epoch: int, batch_size: int, weighted: bool = True,
                         use_bbox: bool = False, bbox_margin: int = 0, max_steps: int = 0,
+                        drop_last: bool = False, num_devices: int = 1,
                         num_workers: int = 0, prefetch: int = 4,
                         shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
-    """The train batches of one epoch (drop_remainder: every step has one static shape).
+    """The train batches of one epoch (`epoch_batch_sizes`: full batches and, unless
+    drop_last, one last partial batch; the train step compiles once more for its shape).
     shard=(process_index, process_count): this process's rows of each global batch."""
-    n_steps = steps_per_epoch(len(records), batch_size, max_steps)
-    indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
+    rows = _epoch_rows(len(records), batch_size, max_steps, drop_last, num_devices)
+    indices = epoch_indices(labels, seed, epoch, weighted)[:rows]
     # The source is (position in the epoch, record index) rows; the map holds the records,
     # decodes by index and draws the augmentation from the position.
     elements = np.stack([np.arange(len(indices)), indices], axis=1)
@@ -139,7 +163,7 @@ def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: Augm
     batch_size //= shard[1]
     ds = (grain.MapDataset.source(elements)
           .map(TrainMap(records, aug, seed, epoch, use_bbox, bbox_margin))
-          .batch(batch_size, drop_remainder=True))
+          .batch(batch_size, drop_remainder=False))
     return _to_iter(ds, num_workers, prefetch)
 
 
@@ -180,18 +204,19 @@ class GatherCached(grain.transforms.Map):
 
 def cached_train_epoch_dataset(images: np.ndarray, orig_hw: np.ndarray, labels: np.ndarray, *,
                                seed: int, epoch: int, batch_size: int, weighted: bool = True,
-                               max_steps: int = 0, prefetch: int = 4,
+                               max_steps: int = 0, drop_last: bool = False,
+                               num_devices: int = 1, prefetch: int = 4,
                                shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
     """The train batches of one epoch from a decode-once cache (`cache.build_cache`): the same
     indices as `train_epoch_dataset`, un-augmented uint8 images + orig_hw for the device path.
     The host only copies memory, so in-process threads are enough."""
     labels = np.asarray(labels)
-    n_steps = steps_per_epoch(len(labels), batch_size, max_steps)
-    indices = epoch_indices(labels, seed, epoch, weighted)[: n_steps * batch_size]
+    rows = _epoch_rows(len(labels), batch_size, max_steps, drop_last, num_devices)
+    indices = epoch_indices(labels, seed, epoch, weighted)[:rows]
     indices = shard_rows(indices, batch_size, *shard)
     batch_size //= shard[1]
     ds = (grain.MapDataset.source(indices)
-          .batch(batch_size, drop_remainder=True)
+          .batch(batch_size, drop_remainder=False)
           .map(GatherCached(images, orig_hw, labels)))
     return _to_iter(ds, 0, prefetch)
 
