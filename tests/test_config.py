@@ -110,6 +110,26 @@ def test_a_run_saved_before_ema_decay_existed_resumes_without_an_ema():
     assert len(diffs) == 1 and diffs[0].startswith('ema_decay')
 
 
+def test_a_run_saved_before_drop_last_batch_existed_resumes_dropping_it():
+    """Earlier runs dropped each epoch's last partial batch: resuming one keeps doing so (its
+    steps per epoch and schedule), and the seed's default is named as a change."""
+    import json
+    saved = json.loads(demo.get_config().to_json())
+    del saved['drop_last_batch']
+    assert incompatible_fields(saved, _cfg(drop_last_batch=True)) == []
+    diffs = incompatible_fields(saved, _cfg())
+    assert diffs == ['drop_last_batch: checkpoint has True, now False']
+
+
+def test_drop_last_batch_defaults_to_the_seeds_and_must_be_a_bool():
+    import ml_collections
+    assert base.get_config().drop_last_batch is False      # DataLoader(drop_last=False)
+    for value in ('yes', 1, None):
+        c = ml_collections.ConfigDict({**_cfg().to_dict(), 'drop_last_batch': value})
+        with pytest.raises(ConfigError, match='--config.drop_last_batch'):
+            validate_config(c)
+
+
 @pytest.mark.parametrize('stages,stem_pool,smallest', [
     # Hand computation: every stride-2 layer (stem conv 7x7/2 pad 3, max-pool 3x3/2 pad 1,
     # the first block of stages 2..N) maps s to ceil(s / 2); the last stage needs an input

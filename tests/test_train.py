@@ -301,3 +301,50 @@ def test_skipped_files_are_listed_as_plain_lines(tmp_path):
     lines = said[0].splitlines()
     assert lines[0] == 'Skipped 3 unreadable files (left out of the data):'
     assert sorted(l.split(':')[0] for l in lines[1:]) == expected
+
+
+def test_an_epoch_runs_ceil_n_over_batch_steps_and_counts_every_image(data_dir, tmp_path):
+    """20 train images, batch 8: the seed's DataLoader(drop_last=False) gives batches of
+    8, 8, 4, i.e. ceil(20 / 8) = 3 steps per epoch, and the epoch's metrics cover 20 images."""
+    c = run_config(data_dir, batch_size=8, max_steps_per_epoch=0, num_epochs=2)
+    train_and_evaluate(c, str(tmp_path), quiet=True)
+    rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    assert [r['step'] for r in rows] == [-(-20 // 8), 2 * -(-20 // 8)] == [3, 6]
+    assert [r['train_images'] for r in rows] == [20, 20]
+    assert '3 steps/epoch' in open(tmp_path / 'log.txt').read()
+
+
+def test_drop_last_batch_runs_the_full_batches_only(data_dir, tmp_path):
+    c = run_config(data_dir, batch_size=8, max_steps_per_epoch=0, num_epochs=1,
+                   drop_last_batch=True)
+    train_and_evaluate(c, str(tmp_path), quiet=True)
+    rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    assert [(r['step'], r['train_images']) for r in rows] == [(20 // 8, 16)]
+
+
+def test_the_partial_last_step_is_a_plain_step_on_its_rows(data_dir, tmp_path):
+    """The loop's third step of an epoch of 20 images at batch 8 trains on the 4 rows left,
+    unpadded: it equals `train_step` on those 4 images, built here from the epoch's draw."""
+    from cars_jax.data.augment import AugmentConfig
+    from cars_jax.data.dataset import build_data
+    from cars_jax.data.pipeline import TrainMap, epoch_indices
+    from cars_jax.steps import mix_hyperparameters, train_step
+    c = run_config(data_dir, batch_size=8, max_steps_per_epoch=0, num_epochs=1)
+    train_and_evaluate(c, str(tmp_path), quiet=True)
+    data = build_data(c)
+    drawn = epoch_indices(data.train_labels, c.seed, 0, c.weighted_sampling)
+    to_rows = TrainMap(data.train, AugmentConfig.from_config(c), c.seed, 0)
+    init_rng, base_rng = jax.random.split(jax.random.PRNGKey(c.seed))
+    state = create_train_state(c, init_rng, 3, steps_per_epoch=3)
+    step = jax.jit(lambda s, b, r: train_step(s, b, r, **mix_hyperparameters(c)))
+    for k, rows in enumerate((range(0, 8), range(8, 16), range(16, 20))):
+        items = [to_rows.map(np.array([p, drawn[p]])) for p in rows]
+        batch = {'image': np.stack([x['image'] for x in items]),
+                 'label': np.stack([x['label'] for x in items])}
+        state, _ = step(state, batch, jax.random.fold_in(base_rng, k))
+    assert batch['image'].shape[0] == 4
+    trained, meta = _params(tmp_path, c)
+    assert int(trained.step) == 3
+    for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                    jax.tree.leaves((trained.params, trained.batch_stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
