@@ -468,8 +468,8 @@ class EpochMeter:
 
 # A metrics.jsonl line: these fields, in this order.
 METRICS_FIELDS = ('epoch', 'step', 'train_images', 'train_loss', 'train_accuracy',
-                  'train_accuracy_unmixed', 'mixup_share', 'val_loss', 'val_accuracy', 'val_top5', 'lr', 'epoch_time_s',
-                  'img_per_s', 'data_wait_share', 'improved')
+                  'train_accuracy_unmixed', 'mixup_share', 'val_loss', 'val_accuracy',
+                  'val_top5', 'lr', 'epoch_time_s', 'img_per_s', 'data_wait_share', 'improved')
 
 
 def epoch_record(epoch: int, step: int, train: dict, val: dict, lr: float,
@@ -538,19 +538,22 @@ def _step(state: TrainState) -> int:
 
 
 class _FirstCallTimer:
-    """A jitted step whose first call's duration is kept: jit traces and compiles in that call
-    (before the device runs anything), so it is the compile time, which the ETA leaves out
-    (minutes on an accelerator, against seconds per steady-state epoch of a small run)."""
+    """A jitted step whose first call per batch shape is timed: jit traces and compiles in
+    that call (before the device runs anything), so the sum is the compile time, which the ETA
+    leaves out (minutes on an accelerator, against seconds per steady-state epoch of a small
+    run). The train step compiles twice: for full batches and for an epoch's last partial one."""
 
     def __init__(self, fn: Any):
-        self.fn, self.seconds, self.called = fn, 0.0, False
+        self.fn, self.seconds, self.shapes = fn, 0.0, set()
 
-    def __call__(self, *args: Any) -> Any:
-        if self.called:
-            return self.fn(*args)
+    def __call__(self, state: Any, batch: dict, *args: Any) -> Any:
+        shape = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
+        if shape in self.shapes:
+            return self.fn(state, batch, *args)
         t = time.time()
-        out = self.fn(*args)
-        self.seconds, self.called = time.time() - t, True
+        out = self.fn(state, batch, *args)
+        self.seconds += time.time() - t
+        self.shapes.add(shape)
         return out
 
 

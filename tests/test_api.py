@@ -8,7 +8,7 @@ def test_readme_research_loop_runs():
     import base
     config = base.get_config()
     config.image_size, config.widths, config.stage_sizes = 32, (8, 8, 16, 16), (1, 1, 1, 1)
-    state = create_train_state(config, jax.random.PRNGKey(0), num_classes=196, steps_per_epoch=254)
+    state = create_train_state(config, jax.random.PRNGKey(0), num_classes=196, steps_per_epoch=255)
     rng = np.random.default_rng(0)
     batch = {'image': rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
              'label': rng.integers(0, 196, 4).astype(np.int32)}

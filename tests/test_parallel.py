@@ -1,4 +1,5 @@
-"""Data parallelism with jax.sharding: 2 (forced CPU) devices give one device's trajectory."""
+"""Data parallelism with jax.sharding: 2 (forced CPU) devices give one device's trajectory,
+through full batches and an epoch's last partial batch."""
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ SCRIPT = textwrap.dedent('''
         train, evaluate = make_steps(c, mesh)
         for i in range(3):
             state, m = train(state, _batch(seed=i), jax.random.PRNGKey(i))
+        # an epoch's last partial batch (6 rows, 3 per device): a second compiled shape
+        state, m = train(state, _batch(n=6, seed=3), jax.random.PRNGKey(3))
         return state, evaluate(state, dict(_batch(seed=9), mask=np.ones(8, np.float32)))
     one, e1 = run(data_parallel_mesh(jax.devices()[:1]))
     two, e2 = run(data_parallel_mesh())

@@ -348,3 +348,18 @@ def test_the_partial_last_step_is_a_plain_step_on_its_rows(data_dir, tmp_path):
     for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
                     jax.tree.leaves((trained.params, trained.batch_stats))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_the_epoch_means_weigh_a_partial_batch_by_its_images():
+    """As the seed's loop (loss * batch rows summed, over the images seen): batches of 8, 8, 4
+    with mean losses 1, 2, 4 average (8 + 16 + 16) / 20 = 2.0, not (1 + 2 + 4) / 3."""
+    from cars_jax.train import EpochMeter
+    meter = EpochMeter()
+    for loss, acc, mixed, rows in ((1.0, 0.5, 0.0, 8), (2.0, 0.25, 1.0, 8), (4.0, 1.0, 0.0, 4)):
+        meter.add({'loss': loss, 'accuracy': acc, 'mixed': mixed}, images=rows, batch_size=8)
+    out = meter.summary(batch_size=8)
+    assert out['train_images'] == 20
+    assert out['train_loss'] == pytest.approx(40 / 20)
+    assert out['train_accuracy'] == pytest.approx((4 + 2 + 4) / 20)
+    assert out['mixup_share'] == pytest.approx(8 / 20)
+    assert out['train_accuracy_unmixed'] == pytest.approx((4 + 4) / 12)
