@@ -67,9 +67,14 @@ def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
     assert 'Epoch 2/2' in log and 'last in-memory weights' in log
 
 
-@pytest.mark.parametrize('stop_at', [2, 3, 4])
-def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at):
-    c = run_config(data_dir)
+@pytest.mark.parametrize('stop_at,overrides', [
+    (2, {}), (3, {}), (4, {}),
+    # 20 images at batch 8: batches of 8, 8, 4; stopped just before an epoch's partial batch
+    (2, {'batch_size': 8, 'max_steps_per_epoch': 0}),
+    (5, {'batch_size': 8, 'max_steps_per_epoch': 0}),
+])
+def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at, overrides):
+    c = run_config(data_dir, **overrides)
     straight = tmp_path / 'straight'
     train_and_evaluate(c, str(straight), quiet=True)
     split = tmp_path / 'split'
@@ -85,6 +90,8 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at):
     rows_a = [json.loads(l) for l in open(straight / 'metrics.jsonl')]
     rows_b = [json.loads(l) for l in open(split / 'metrics.jsonl')]
     assert [r['val_loss'] for r in rows_a] == [r['val_loss'] for r in rows_b]
+    assert ([(r['train_images'], r['train_loss']) for r in rows_a]
+            == [(r['train_images'], r['train_loss']) for r in rows_b])
 
 
 def test_a_run_with_an_ema_resumes_the_same_average(data_dir, tmp_path):
