@@ -2,10 +2,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The repository root (the configs and benchmarks packages, as from a checkout), configs/ (the
-# tests import the config modules by name) and tests/ (shared helpers such as fixtures).
+# The repository root (the configs and benchmarks packages, as from a checkout) and tests/
+# (the shared helpers in fixtures.py).
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'configs'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # XLA compiles of the same tiny nets repeat across tests and subprocesses: share them.

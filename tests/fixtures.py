@@ -221,3 +221,61 @@ def make_tfds_cars196(data_dir: str, train: Sequence[tuple], test: Sequence[tupl
         builder = tfds.builder('cars196', data_dir=data_dir, file_format='array_record')
         builder.download_and_prepare(file_format='array_record')
     return data_dir
+
+
+# ---- tiny configs, batches and runs shared by the step, loop and device tests ----------------
+
+def tiny_config(**overrides):
+    """The demo config shrunk to a 2-stage net of widths (4, 8) at 16 px: compiles in seconds."""
+    from configs import demo
+    c = demo.get_config()
+    c.image_size, c.batch_size = 16, 8
+    c.stage_sizes, c.widths = (1, 1), (4, 8)
+    c.num_epochs = 2
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def tiny_batch(n: int = 8, k: int = 3, seed: int = 0) -> dict:
+    """n normalised 16x16 images of k classes whose mean tells the class (learnable)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % k
+    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32) + labels[:, None, None, None]
+    return {'image': images, 'label': labels.astype(np.int32)}
+
+
+def make_colour_folders(root, n_classes=3, n_train=(10, 6, 4), n_test=3, size=(24, 18)):
+    """A tiny ImageFolder tree (pathlib root): class c is a colour, with noise."""
+    rng = np.random.default_rng(0)
+    for split, counts in (('train', n_train), ('test', (n_test,) * n_classes)):
+        for c in range(n_classes):
+            d = root / split / f'class_{c}'
+            d.mkdir(parents=True)
+            for i in range(counts[c]):
+                img = np.full(size[::-1] + (3,), 40, np.uint8)
+                img[..., c] = 220
+                img = np.clip(img + rng.integers(-30, 30, img.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i:03d}.jpg')
+    return root
+
+
+def run_config(data_dir, **overrides):
+    """tiny_config training on make_colour_folders' data: 2 epochs of at most 3 steps."""
+    fields = dict(data_source='folders', data_dir=str(data_dir), num_classes=0, batch_size=4,
+                  max_steps_per_epoch=3, num_epochs=2, log_every_steps=2, patience=5)
+    return tiny_config(**{**fields, **overrides})
+
+
+def restore_latest(workdir, config, n_classes=3):
+    """(state, meta) of the latest checkpoint of a run made with `config`."""
+    import jax
+    from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint
+    from cars_jax.steps import create_train_state
+    latest, best = checkpoint_managers(str(workdir))
+    try:
+        template = create_train_state(config, jax.random.PRNGKey(9), n_classes, 3)
+        return restore_checkpoint(latest, template)
+    finally:
+        latest.close()
+        best.close()

@@ -5,7 +5,7 @@ import numpy as np
 
 def test_readme_research_loop_runs():
     from cars_jax import create_train_state, cutmix, eval_step, mix_batch, mixup, train_step  # noqa: F401
-    import base
+    from configs import base
     config = base.get_config()
     config.image_size, config.widths, config.stage_sizes = 32, (8, 8, 16, 16), (1, 1, 1, 1)
     state = create_train_state(config, jax.random.PRNGKey(0), num_classes=196, steps_per_epoch=255)

@@ -2,10 +2,8 @@
 sampled parameter distributions, and the composed train/eval transforms."""
 import colorsys
 import dataclasses
-import importlib.util
 import itertools
 import math
-import pathlib
 import pickle
 import types
 
@@ -15,7 +13,6 @@ from PIL import Image
 
 from cars_jax.data import augment as A
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -39,10 +36,8 @@ def _identity_params(size, **overrides):
 # ---- config ------------------------------------------------------------------------------
 
 def test_config_from_base_py():
-    spec = importlib.util.spec_from_file_location('base_config', ROOT / 'configs' / 'base.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = A.AugmentConfig.from_config(module.get_config())
+    from configs import base
+    cfg = A.AugmentConfig.from_config(base.get_config())
     assert cfg == A.AugmentConfig()                       # the defaults are the seed's values
     assert cfg.translate == (0.1, 0.1) and cfg.rrc_ratio == (3 / 4, 4 / 3)
     assert cfg.mean == MEAN and cfg.std == STD and cfg.eval_resize == 'squash'

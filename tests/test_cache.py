@@ -13,8 +13,8 @@ from cars_jax.data import pipeline
 from cars_jax.data.device_augment import augment_batch, sample_device_params
 from cars_jax.data.sources import Record
 from cars_jax.steps import cached_step_keys, create_train_state, train_step, train_step_cached
-from test_steps import tiny_config
-from test_train import _params, make_folders, run_config
+from fixtures import tiny_config
+from fixtures import make_colour_folders, restore_latest, run_config
 
 
 def smooth_image(h, w, seed=0):
@@ -134,7 +134,7 @@ def test_training_with_augment_on_device_resumes_on_the_same_trajectory(tmp_path
     """The whole loop on the device path: cache built once beside the data, the log says so,
     and a stop + resume gives the straight run's weights bit for bit."""
     from cars_jax.train import train_and_evaluate
-    data_dir = make_folders(tmp_path / 'cars')
+    data_dir = make_colour_folders(tmp_path / 'cars')
     c = run_config(data_dir, augment_on='device')
     straight = tmp_path / 'straight'
     train_and_evaluate(c, str(straight), quiet=True)
@@ -143,8 +143,8 @@ def test_training_with_augment_on_device_resumes_on_the_same_trajectory(tmp_path
     split = tmp_path / 'split'
     assert train_and_evaluate(c, str(split), stop_after_steps=4, quiet=True)['interrupted']
     train_and_evaluate(c, str(split), quiet=True)
-    a, _ = _params(straight, c)
-    b, _ = _params(split, c)
+    a, _ = restore_latest(straight, c)
+    b, _ = restore_latest(split, c)
     assert int(a.step) == int(b.step) == 6
     for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)), jax.tree.leaves((b.params,
                                                                                   b.batch_stats))):

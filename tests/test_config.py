@@ -1,7 +1,9 @@
 """configs/ and the config checks: every bad field gives one message naming it."""
-import base
-import demo
+import importlib
+
 import pytest
+
+from configs import base, demo
 
 from cars_jax.config import ConfigError, incompatible_fields, validate_config
 
@@ -29,15 +31,15 @@ def test_base_holds_the_seeds_values():
 
 @pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide'])
 def test_every_shipped_config_is_valid(name):
-    c = __import__(name).get_config()
+    c = importlib.import_module(f'configs.{name}').get_config()
     c.data_dir = c.data_dir or '/data/stanford_cars'   # base.py leaves it to the user
     validate_config(c)
 
 
 def test_fast30_is_the_measured_30_epoch_run():
     # README "Real images": the run that reached 11.2% was fast.py with exactly these flags.
-    import fast
-    import fast30
+    from configs import fast
+    from configs import fast30
     c, f = fast30.get_config(), fast.get_config()
     assert (c.num_epochs, c.patience, c.early_stopping_metric) == (30, 30, 'val_accuracy')
     assert (c.mixup_prob, c.mixup_alpha, c.erasing_prob, c.weight_decay) == (0.5, 0.4, 0.3, 0.05)
@@ -49,8 +51,8 @@ def test_fast30_is_the_measured_30_epoch_run():
 def test_fast_wide_is_the_measured_10_epoch_run():
     # README "Real images": the 7.4% run was fast.py with widths (96, 192, 384, 768); keeping
     # the most accurate epoch instead of the lowest-loss one is the only other difference.
-    import fast
-    import fast_wide
+    from configs import fast
+    from configs import fast_wide
     c, f = fast_wide.get_config(), fast.get_config()
     assert tuple(c.widths) == (96, 192, 384, 768) and c.num_epochs == 10
     assert {k for k in c if c[k] != f[k]} == {'widths', 'early_stopping_metric'}

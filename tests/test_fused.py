@@ -12,7 +12,7 @@ from benchmarks.fused import (chunk_step_key, device_dataset, device_epoch_indic
                               gather_batch, make_fused_steps)
 from cars_jax.data import augment as A
 from cars_jax.steps import create_train_state, eval_step, train_step_cached
-from test_steps import tiny_config
+from fixtures import tiny_config
 
 N, CACHE, S, B, K, CLASSES = 64, 20, 16, 8, 4, 3
 HYPER = dict(label_smoothing=0.05, mixup_alpha=0.4, mixup_prob=0.5)

@@ -305,7 +305,7 @@ def test_denormalize_inverts_normalize_for_imagenet_stats():
 # ---- the layer explained by default, and the figure's titles ------------------------------
 
 def _tiny_run(image_size, stem_pool=True):
-    from test_steps import tiny_config
+    from fixtures import tiny_config
     from cars_jax.model import build_model
     from cars_jax.steps import create_train_state
     config = tiny_config(image_size=image_size, stage_sizes=(1, 1, 1, 1), widths=(4, 4, 4, 4),

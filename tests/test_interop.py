@@ -178,7 +178,7 @@ def test_load_torch_checkpoint_forms(torch, tmp_path):
 # ---- numpy only ---------------------------------------------------------------------------------
 
 def _config():
-    import base
+    from configs import base
     c = base.get_config()
     c.stage_sizes, c.widths = (2, 2, 2, 2), (64, 128, 256, 512)   # overridden by the checkpoint
     return c
@@ -285,7 +285,7 @@ def test_cli_uses_a_seed_checkpoint_directly(tmp_path, torch):
     import subprocess
     import sys as _sys
     import jax
-    import demo
+    from configs import demo
     from cars_jax.data.synthetic import ensure_demo_dataset
     from cars_jax.model import build_model, init_variables
     data = ensure_demo_dataset(tmp_path / 'demo', num_classes=3, train_per_class=(4, 6),

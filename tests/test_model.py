@@ -364,12 +364,7 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits(narrow_vars):
 
 
 def test_build_model_from_config():
-    import importlib.util
-    import pathlib
-    spec = importlib.util.spec_from_file_location(
-        'base_config', pathlib.Path(__file__).parents[1] / 'configs' / 'base.py')
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
+    from configs import base
     assert M.build_model(base.get_config(), 196) == M.ResNet(num_classes=196)
     c = base.get_config()
     c.dtype, c.init, c.widths, c.dropout = 'bfloat16', 'he_normal', (8, 16, 32, 64), 0.2

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from test_train import _params, make_folders, run_config
+from fixtures import make_colour_folders, restore_latest, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')
@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process_with_two_devices(tmp_path):
-    data_dir = make_folders(tmp_path / 'cars')
+    data_dir = make_colour_folders(tmp_path / 'cars')
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
     one = tmp_path / 'one'
     r = subprocess.run([sys.executable, *_args(data_dir, one)], cwd=ROOT, capture_output=True,
@@ -62,8 +62,8 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     assert log.count('Epoch 1/2') == 1 and log.count('Epoch 2/2') == 1
 
     c = run_config(data_dir, image_size=32, widths=(4, 8, 8, 8), stage_sizes=(2, 2, 2, 2))
-    a, _ = _params(one, c)
-    b, _ = _params(two, c)
+    a, _ = restore_latest(one, c)
+    b, _ = restore_latest(two, c)
     assert int(a.step) == int(b.step) == 2 * 3      # ceil(20 / 8) steps per epoch
     for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)),
                     jax.tree.leaves((b.params, b.batch_stats))):

@@ -9,7 +9,7 @@ import pytest
 from cars_jax.optim import make_optimizer, weight_decay_mask
 from cars_jax.schedules import onecycle_schedule
 
-import base  # configs/base.py, on sys.path via tests/conftest.py
+from configs import base
 
 
 def flax_like_params():

@@ -9,8 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent('''
     import sys, numpy as np, jax
-    sys.path.insert(0, 'configs'); sys.path.insert(0, 'tests')
-    from test_steps import tiny_config, _batch
+    sys.path.insert(0, 'tests')
+    from fixtures import tiny_batch, tiny_config
     from cars_jax.steps import create_train_state, make_steps, data_parallel_mesh
     assert jax.local_device_count() == 2, jax.devices()
     c = tiny_config(batch_size=8, dropout=0.0)
@@ -18,10 +18,10 @@ SCRIPT = textwrap.dedent('''
         state = create_train_state(c, jax.random.PRNGKey(0), 3, 10)
         train, evaluate = make_steps(c, mesh)
         for i in range(3):
-            state, m = train(state, _batch(seed=i), jax.random.PRNGKey(i))
+            state, m = train(state, tiny_batch(seed=i), jax.random.PRNGKey(i))
         # an epoch's last partial batch (6 rows, 3 per device): a second compiled shape
-        state, m = train(state, _batch(n=6, seed=3), jax.random.PRNGKey(3))
-        return state, evaluate(state, dict(_batch(seed=9), mask=np.ones(8, np.float32)))
+        state, m = train(state, tiny_batch(n=6, seed=3), jax.random.PRNGKey(3))
+        return state, evaluate(state, dict(tiny_batch(seed=9), mask=np.ones(8, np.float32)))
     one, e1 = run(data_parallel_mesh(jax.devices()[:1]))
     two, e2 = run(data_parallel_mesh())
     leaves = lambda s: jax.tree.leaves((s.params, s.batch_stats, s.opt_state))

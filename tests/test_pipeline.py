@@ -5,7 +5,7 @@ import pytest
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.sources import Record
-import demo
+from configs import demo
 
 
 def _aug(size=16):

@@ -78,7 +78,7 @@ def one_error_line(r):
 
 
 def tiny_config(data_dir, **kw):
-    import demo  # configs/ is on sys.path (conftest)
+    from configs import demo
     c = demo.get_config()
     c.data_dir, c.image_size, c.widths, c.batch_size = str(data_dir), 32, (8, 8, 16, 16), 16
     c.max_steps_per_epoch, c.num_epochs, c.log_every_steps = 4, 2, 1

@@ -120,7 +120,7 @@ def test_the_runs_one_cycle_peaks_where_torchs_does_for_the_seeds_8144_images():
     """The schedule the training loop builds (steps per epoch from the data, as the seed's
     DataLoader(drop_last=False) counts them) against torch's OneCycleLR over the seed's run."""
     torch = pytest.importorskip('torch')
-    import base
+    from configs import base
     from cars_jax.data.pipeline import steps_per_epoch
     from cars_jax.optim import make_optimizer
     n, batch, epochs = 8144, 32, 70

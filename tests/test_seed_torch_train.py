@@ -36,7 +36,7 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
 
 
 def _config(data_dir: str):
-    import base
+    from configs import base
     c = base.get_config()
     c.data_dir = data_dir
     for k, v in OVERRIDES.items():

@@ -560,7 +560,7 @@ def test_a_symlinked_class_folder_is_followed_once(tmp_path):
 
 
 def test_use_bbox_counts_the_boxes_past_the_image_edge(tmp_path):
-    from test_steps import tiny_config
+    from fixtures import tiny_config
     from cars_jax.data.dataset import build_data
     rows = TRAIN_ROWS + [('00005.jpg', 2, (50, 50, 60, 60), (32, 24))]    # entirely outside
     root = fixtures.make_devkit(str(tmp_path), NAMES, rows, TEST_ROWS)
@@ -575,7 +575,7 @@ def test_use_bbox_counts_the_boxes_past_the_image_edge(tmp_path):
 
 
 def test_build_data_reports_skipped_files_without_a_log_prefix(bad_tree, caplog):
-    from test_steps import tiny_config
+    from fixtures import tiny_config
     from cars_jax.data.dataset import build_data
     config = tiny_config(data_source='folders', data_dir=bad_tree, num_classes=0,
                          val_split='holdout')

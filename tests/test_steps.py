@@ -4,26 +4,9 @@ import ml_collections
 import pytest
 import numpy as np
 
-import demo
 from cars_jax.steps import (create_train_state, eval_step, make_steps, mix_hyperparameters,
                             predict_step, train_step)
-
-
-def tiny_config(**kw):
-    c = demo.get_config()
-    c.image_size, c.batch_size = 16, 8
-    c.stage_sizes, c.widths = (1, 1), (4, 8)
-    c.num_epochs = 2
-    for k, v in kw.items():
-        c[k] = v
-    return c
-
-
-def _batch(n=8, k=3, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % k
-    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32) + labels[:, None, None, None]
-    return {'image': images, 'label': labels.astype(np.int32)}
+from fixtures import tiny_batch, tiny_config
 
 
 def test_train_step_compiles_once_and_learns():
@@ -36,7 +19,7 @@ def test_train_step_compiles_once_and_learns():
         return train_step(s, b, r, label_smoothing=0.05, mixup_alpha=0.4, mixup_prob=0.0)
 
     step = jax.jit(counted)
-    batch = _batch()
+    batch = tiny_batch()
     losses = []
     for i in range(15):
         state, m = step(state, batch, jax.random.PRNGKey(i))
@@ -50,7 +33,7 @@ def test_step_reports_scheduled_lr_and_updates_batch_stats():
     c = tiny_config()
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
     before = jax.tree.map(np.asarray, state.batch_stats)
-    new, m = jax.jit(train_step)(state, _batch(), jax.random.PRNGKey(1))
+    new, m = jax.jit(train_step)(state, tiny_batch(), jax.random.PRNGKey(1))
     # OneCycle starts at max_lr / div_factor
     np.testing.assert_allclose(float(m['lr']), c.learning_rate / c.div_factor, rtol=1e-5)
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, new.batch_stats)
@@ -61,7 +44,7 @@ def test_step_reports_scheduled_lr_and_updates_batch_stats():
 def test_nonfinite_batch_leaves_state_untouched():
     c = tiny_config()
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
-    batch = _batch()
+    batch = tiny_batch()
     batch['image'][0, 0, 0, 0] = np.nan
     new, m = jax.jit(train_step)(state, batch, jax.random.PRNGKey(1))
     assert float(m['finite']) == 0.0
@@ -74,7 +57,7 @@ def test_an_update_that_overflows_leaves_state_untouched():
     """Finite loss and gradients, but an lr so large that the new parameters overflow."""
     c = tiny_config(learning_rate=3e38, div_factor=1.0, optimizer='sgd')
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
-    new, m = jax.jit(train_step)(state, _batch(), jax.random.PRNGKey(1))
+    new, m = jax.jit(train_step)(state, tiny_batch(), jax.random.PRNGKey(1))
     assert np.isfinite(float(m['loss'])) and float(m['finite']) == 0.0
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
         np.testing.assert_array_equal(a, b)
@@ -84,7 +67,7 @@ def test_an_update_that_overflows_leaves_state_untouched():
 def test_eval_step_matches_numpy_and_respects_mask():
     c = tiny_config()
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
-    batch = _batch(seed=4)
+    batch = tiny_batch(seed=4)
     batch['mask'] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
     out = jax.device_get(jax.jit(eval_step)(state, batch))
     logits = np.asarray(state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
@@ -105,9 +88,9 @@ def test_make_steps_binds_config_and_donates_state():
     c = tiny_config(mixup_prob=1.0)
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
     train, evaluate = make_steps(c)
-    state, m = train(state, _batch(), jax.random.PRNGKey(2))
+    state, m = train(state, tiny_batch(), jax.random.PRNGKey(2))
     assert float(m['mixed']) == 1.0  # mixup_prob=1 from the config reached the step
-    assert float(evaluate(state, _batch())['count']) == 8
+    assert float(evaluate(state, tiny_batch())['count']) == 8
 
 
 def test_make_steps_passes_cutmix_and_old_configs_run_without_it():
@@ -115,7 +98,7 @@ def test_make_steps_passes_cutmix_and_old_configs_run_without_it():
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
     assert mix_hyperparameters(c)['cutmix_alpha'] == 1.0
     train, _ = make_steps(c)
-    _, m = train(state, _batch(), jax.random.PRNGKey(2))
+    _, m = train(state, tiny_batch(), jax.random.PRNGKey(2))
     assert float(m['mixed']) == 1.0 and float(m['finite']) == 1.0   # only CutMix is on
     old = ml_collections.ConfigDict({k: v for k, v in tiny_config().items()
                                      if k not in ('cutmix_alpha', 'cutmix_share')})
@@ -134,7 +117,7 @@ def test_eval_step_compiles_once():
 
     step = jax.jit(counted)
     for seed in range(3):
-        batch = _batch(seed=seed)
+        batch = tiny_batch(seed=seed)
         batch['mask'] = np.ones(8, np.float32)
         step(state, batch)
     assert len(traces) == 1
@@ -188,7 +171,7 @@ def test_dtype_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
 def test_flip_tta_scores_the_mean_logits_of_image_and_mirror():
     c = tiny_config()
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
-    batch = _batch(n=8)
+    batch = tiny_batch(n=8)
     batch['mask'] = np.ones(8, np.float32)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     plain = np.asarray(state.apply_fn(variables, batch['image'], train=False))
@@ -219,7 +202,7 @@ def test_ema_follows_the_numpy_recurrence_and_leaves_training_unchanged():
                         jax.tree.leaves({'params': s.params, 'batch_stats': s.batch_stats})]
     expected = leaves(averaged)   # the average starts at the init
     for t in range(1, steps + 1):
-        batch, rng = _batch(seed=t), jax.random.PRNGKey(t)
+        batch, rng = tiny_batch(seed=t), jax.random.PRNGKey(t)
         plain, _ = step(plain, batch, rng)
         averaged, _ = step(averaged, batch, rng)
         for a, b in zip(leaves(plain), leaves(averaged)):
@@ -236,8 +219,8 @@ def test_ema_follows_the_numpy_recurrence_and_leaves_training_unchanged():
 def test_eval_and_predict_use_the_ema_when_kept():
     state = create_train_state(tiny_config(ema_decay=0.9), jax.random.PRNGKey(0), 3,
                                steps_per_epoch=10)
-    state, _ = jax.jit(train_step)(state, _batch(), jax.random.PRNGKey(1))
-    batch = _batch(seed=3)
+    state, _ = jax.jit(train_step)(state, tiny_batch(), jax.random.PRNGKey(1))
+    batch = tiny_batch(seed=3)
     ema_only = state.replace(params=state.ema['params'], batch_stats=state.ema['batch_stats'],
                              ema=None)
     live_only = state.replace(ema=None)

@@ -14,7 +14,7 @@ from PIL import Image
 from cars_jax import tensorboard as tb
 from cars_jax.config import ConfigError, validate_config
 from cars_jax.train import train_and_evaluate
-from test_train import make_folders, run_config
+from fixtures import make_colour_folders, run_config
 
 
 # ---- an independent reader ---------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_tensorboards_own_reader_reads_it(tmp_path):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return make_folders(tmp_path_factory.mktemp('cars'))
+    return make_colour_folders(tmp_path_factory.mktemp('cars'))
 
 
 def test_training_writes_the_metrics_and_figures(data_dir, tmp_path):

@@ -5,46 +5,16 @@ import os
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from cars_jax.checkpoints import save_checkpoint
 from cars_jax.train import TrainingError, checkpoint_managers, restore_checkpoint, train_and_evaluate
 from cars_jax.steps import create_train_state
-from test_steps import tiny_config
-
-
-def make_folders(root, n_classes=3, n_train=(10, 6, 4), n_test=3, size=(24, 18)):
-    """A tiny ImageFolder tree: class c is a colour, with noise."""
-    rng = np.random.default_rng(0)
-    for split, counts in (('train', n_train), ('test', (n_test,) * n_classes)):
-        for c in range(n_classes):
-            d = root / split / f'class_{c}'
-            d.mkdir(parents=True)
-            for i in range(counts[c]):
-                img = np.full(size[::-1] + (3,), 40, np.uint8)
-                img[..., c] = 220
-                img = np.clip(img + rng.integers(-30, 30, img.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f'{i:03d}.jpg')
-    return root
-
-
-def run_config(data_dir, **kw):
-    fields = dict(data_source='folders', data_dir=str(data_dir), num_classes=0, batch_size=4,
-                  max_steps_per_epoch=3, num_epochs=2, log_every_steps=2, patience=5)
-    return tiny_config(**{**fields, **kw})
-
-
-def _params(workdir, config, n_classes=3):
-    latest, best = checkpoint_managers(str(workdir))
-    template = create_train_state(config, jax.random.PRNGKey(9), n_classes, 3)
-    state, meta = restore_checkpoint(latest, template)
-    latest.close(), best.close()
-    return state, meta
+from fixtures import make_colour_folders, restore_latest, run_config, tiny_config
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return make_folders(tmp_path_factory.mktemp('cars'))
+    return make_colour_folders(tmp_path_factory.mktemp('cars'))
 
 
 def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
@@ -81,8 +51,8 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at, overr
     out = train_and_evaluate(c, str(split), stop_after_steps=stop_at, quiet=True)
     assert out == {'interrupted': True, 'step': stop_at}
     train_and_evaluate(c, str(split), quiet=True)
-    a, meta_a = _params(straight, c)
-    b, meta_b = _params(split, c)
+    a, meta_a = restore_latest(straight, c)
+    b, meta_b = restore_latest(split, c)
     assert int(a.step) == int(b.step) == 6
     for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
                     jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
@@ -100,8 +70,8 @@ def test_a_run_with_an_ema_resumes_the_same_average(data_dir, tmp_path):
     train_and_evaluate(c, str(straight), quiet=True)
     train_and_evaluate(c, str(split), stop_after_steps=4, quiet=True)
     train_and_evaluate(c, str(split), quiet=True)
-    a, _ = _params(straight, c)
-    b, _ = _params(split, c)
+    a, _ = restore_latest(straight, c)
+    b, _ = restore_latest(split, c)
     assert a.ema is not None and int(a.step) == int(b.step) == 6
     for x, y in zip(jax.tree.leaves((a.params, a.ema)), jax.tree.leaves((b.params, b.ema))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -294,7 +264,7 @@ def test_a_failed_start_removes_the_empty_workdir_it_made(tmp_path):
 
 def test_skipped_files_are_listed_as_plain_lines(tmp_path):
     import fixtures
-    data = make_folders(tmp_path / 'data')
+    data = make_colour_folders(tmp_path / 'data')
     fixtures.make_bad_image_folder(str(data / 'train' / 'class_0'))
     train_and_evaluate(run_config(data), str(tmp_path / 'run'), quiet=True)
     lines = _log(tmp_path / 'run').splitlines()
@@ -350,7 +320,7 @@ def test_the_partial_last_step_is_a_plain_step_on_its_rows(data_dir, tmp_path):
                  'label': np.stack([x['label'] for x in items])}
         state, _ = step(state, batch, jax.random.fold_in(base_rng, k))
     assert batch['image'].shape[0] == 4
-    trained, meta = _params(tmp_path, c)
+    trained, meta = restore_latest(tmp_path, c)
     assert int(trained.step) == 3
     for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
                     jax.tree.leaves((trained.params, trained.batch_stats))):
