@@ -138,32 +138,19 @@ def test_the_cached_epoch_has_the_same_partial_last_batch():
     np.testing.assert_array_equal(batches[-1]['image'][:, 0, 0, 0], drawn[8:])
 
 
-def test_the_iterator_resumes_exactly_before_the_partial_batch():
-    labels = np.arange(10) % 3
+@pytest.mark.parametrize('n,epoch,rest_sizes', [(24, 2, [4, 4, 4, 4]),
+                                                  (10, 0, [2])])   # stopped before the partial batch
+def test_iterator_state_resumes_exactly(n, epoch, rest_sizes):
+    labels = np.arange(n) % 3
     recs = _records(labels)
-    make = lambda: pipeline.train_epoch_dataset(recs, labels, _aug(), seed=5, epoch=0,
+    make = lambda: pipeline.train_epoch_dataset(recs, labels, _aug(), seed=5, epoch=epoch,
                                                 batch_size=4)
     it = pipeline.iterate(make())
     next(it), next(it)
     state = it.get_state()
     rest, resumed = list(it), list(pipeline.iterate(make(), state))
-    assert [len(b['label']) for b in rest] == [len(b['label']) for b in resumed] == [2]
-    np.testing.assert_array_equal(rest[0]['image'], resumed[0]['image'])
-    np.testing.assert_array_equal(rest[0]['index'], resumed[0]['index'])
-
-
-def test_iterator_state_resumes_exactly():
-    labels = np.arange(24) % 3
-    recs = _records(labels)
-    make = lambda: pipeline.train_epoch_dataset(recs, labels, _aug(), seed=5, epoch=2,
-                                                batch_size=4)
-    it = pipeline.iterate(make())
-    next(it), next(it)
-    state = it.get_state()
-    rest = list(it)
-    resumed = list(pipeline.iterate(make(), state))
-    assert len(resumed) == len(rest) == 4
-    for x, y in zip(rest, resumed):
+    assert [len(b['label']) for b in rest] == [len(b['label']) for b in resumed] == rest_sizes
+    for x, y in zip(rest, resumed, strict=True):
         np.testing.assert_array_equal(x['image'], y['image'])
         np.testing.assert_array_equal(x['index'], y['index'])
 
