@@ -4,7 +4,8 @@ For: the seed's recipe on real images on a CPU. Data: the 8,144 real Stanford Ca
 images at 128x96 in devkit layout (`python -m cars_jax.data.lowres --src=<devkit> --dst=<dir>`,
 then `--config.data_dir=<dir>`); there are no test images in that copy, so validation is a
 seeded, stratified 20% of them. 64x64 inputs keep a 30-epoch run CPU-feasible.
-Measured (docs/experiments.md, seed 0): 7.2% top-1 / 23.5% top-5 at epoch 29 of 30.
+Measured (docs/experiments.md, seed 0, full batches only): 7.9% top-1 / 21.0% top-5 at
+epoch 29 of 30 (an earlier run with other augmentation draws: 7.2% / 23.5%).
 """
 from configs import base
 
