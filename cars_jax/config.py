@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -39,7 +40,18 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks every field of configs/base.py; raises ConfigError on the first bad one."""
+    """Checks every field of configs/base.py; raises ConfigError on the first bad one (a
+    missing field included: configs derive from `configs.base.get_config()`)."""
+    try:
+        _validate_fields(config)
+    except (KeyError, AttributeError) as e:
+        name = re.search(r'\w+', str(e))   # the first word: ConfigDict adds "Did you mean"
+        raise ConfigError(f'the config has no field {name[0] if name else e!r}: a config starts from '
+                          'configs/base.py (`from configs import base; config = '
+                          'base.get_config()`) and changes fields of it.') from None
+
+
+def _validate_fields(config: ml_collections.ConfigDict) -> None:
     for field, choices in _CHOICES.items():
         if config[field] not in choices:
             _fail(field, config[field], f'choose one of {", ".join(choices)}')
@@ -75,17 +87,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail('dropout', config.dropout, 'must be in [0, 1)')
     if not 0 <= config.label_smoothing < 1:
         _fail('label_smoothing', config.label_smoothing, 'must be in [0, 1)')
-    if not 0 <= saved_value(config, 'ema_decay') < 1:
+    if not 0 <= config.ema_decay < 1:
         _fail('ema_decay', config.ema_decay, 'must be in [0, 1) (0: no EMA; 0.999: ~1000 steps)')
-    cutmix_alpha = saved_value(config, 'cutmix_alpha')
-    cutmix_share = saved_value(config, 'cutmix_share')
+    cutmix_alpha, cutmix_share = config.cutmix_alpha, config.cutmix_share
     if not isinstance(cutmix_alpha, (int, float)) or not 0 <= cutmix_alpha < math.inf:
         _fail('cutmix_alpha', cutmix_alpha, 'must be a finite number >= 0 (0: no CutMix)')
     if not isinstance(cutmix_share, (int, float)) or not 0 <= cutmix_share <= 1:
         _fail('cutmix_share', cutmix_share, 'must be a number in [0, 1]')
-    if not isinstance(saved_value(config, 'drop_last_batch'), bool):
+    if not isinstance(config.drop_last_batch, bool):
         _fail('drop_last_batch', config.drop_last_batch, 'must be True or False')
-    if not isinstance(saved_value(config, 'tensorboard'), bool):
+    if not isinstance(config.tensorboard, bool):
         _fail('tensorboard', config.tensorboard, 'must be True or False')
     if not 0 < config.pct_start < 1:
         _fail('pct_start', config.pct_start, 'must be in (0, 1)')
@@ -105,7 +116,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _check_image_size(config: ml_collections.ConfigDict) -> None:
     """The last stage must see a map of at least 2x2 (see model.min_image_size)."""
     from cars_jax.model import min_image_size   # model imports this module
-    stages, pool = len(config.stage_sizes), saved_value(config, 'stem_pool')
+    stages, pool = len(config.stage_sizes), config.stem_pool
     smallest = min_image_size(stages, pool)
     if config.image_size < smallest:
         _fail('image_size', config.image_size,
@@ -118,24 +129,52 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
                'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay',
                'drop_last_batch')
-# Values of fields added after runs were made: a saved config without them used these
-# (drop_last_batch: earlier runs dropped each epoch's last partial batch).
-_ADDED_FIELD_DEFAULTS = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
-                         'zero_init_last_bn': False, 'ema_decay': 0.0, 'cutmix_alpha': 0.0,
-                         'cutmix_share': 0.5, 'tensorboard': True, 'drop_last_batch': True}
 
 
-def saved_value(saved: Any, key: str) -> Any:
-    """`key` of a config saved by some run (dict or ConfigDict), with the value runs used
-    before the field existed."""
-    return saved.get(key, _ADDED_FIELD_DEFAULTS.get(key))
+# ---- a run's config.json: its format version and the one migration from older formats ----
+
+# The format of the config.json each run writes (key 'config_format'). Raise it when a field
+# is added whose value in earlier runs was not configs/base.py's new default, and add what
+# those runs ran with to `migrate_run_config`: the rest of the package reads plain fields.
+CONFIG_FORMAT = 2
+# Format 1 (config.json without 'config_format'): runs made before these fields existed ran
+# with these values (drop_last_batch: they dropped each epoch's last partial batch).
+_FORMAT_1_VALUES = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
+                    'zero_init_last_bn': False, 'ema_decay': 0.0, 'cutmix_alpha': 0.0,
+                    'cutmix_share': 0.5, 'tensorboard': True, 'drop_last_batch': True}
+
+
+def run_config_json(config: ml_collections.ConfigDict) -> dict:
+    """What a run writes to its config.json: every field, and the format version."""
+    return {'config_format': CONFIG_FORMAT, **json.loads(config.to_json())}
+
+
+def migrate_run_config(saved: dict, source: str = 'config.json') -> dict:
+    """A saved config.json (any format this version knows) as the current format's fields,
+    without the version key. The one place that knows what earlier runs ran with."""
+    saved = dict(saved)
+    version = saved.pop('config_format', 1)
+    if not isinstance(version, int) or not 1 <= version <= CONFIG_FORMAT:
+        raise ConfigError(f'{source} has config format {version!r}, and this cars_jax reads '
+                          f'formats 1 to {CONFIG_FORMAT}: it was written by a newer cars_jax; '
+                          'upgrade cars_jax to use that run.')
+    if version == 1:
+        saved = {**_FORMAT_1_VALUES, **saved}
+    return saved
+
+
+def read_run_config(path: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to `path` (its config.json), migrated to the current format."""
+    with open(path) as f:
+        return ml_collections.ConfigDict(migrate_run_config(json.load(f), path))
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-    """Fields in which a resumed run's config differs from the one its checkpoint was made with."""
-    now = json.loads(current.to_json())
-    return [f'{k}: checkpoint has {saved_value(saved, k)!r}, now {now.get(k)!r}'
-            for k in _STRUCTURAL if _norm(saved_value(saved, k)) != _norm(now.get(k))]
+    """Fields in which a resumed run's config differs from the one its checkpoint was made
+    with (`saved`: a config.json's content, any known format)."""
+    saved, now = migrate_run_config(saved), json.loads(current.to_json())
+    return [f'{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}'
+            for k in _STRUCTURAL if _norm(saved.get(k)) != _norm(now.get(k))]
 
 
 def _norm(v: Any) -> Any:

@@ -23,12 +23,13 @@ from jax.sharding import Mesh
 
 from cars_jax import gradcam as gc
 from cars_jax import metrics, report_plots
+from cars_jax.config import read_run_config
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig, denormalize, eval_transform
 from cars_jax.data.sources import (IMAGE_EXTENSIONS, DataError, Record, decode_image,
                                    format_skipped)
 from cars_jax.distributed import global_batch, host_local
-from cars_jax.fileio import atomic_write_text
+from cars_jax.fileio import atomic_write_text, write_json_atomic
 from cars_jax.model import build_model, stage_map_sizes
 from cars_jax.steps import TrainState, create_train_state, inference_variables, predict_step
 
@@ -82,8 +83,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: --workdir must be a cars_jax run directory '
                                 '(train one with python main.py --config=... --workdir=...).')
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return read_run_config(path)
 
 
 def load_class_names(workdir: str) -> list[str]:
@@ -95,9 +95,8 @@ def restore_best_state(workdir: str, config: ml_collections.ConfigDict, num_clas
                        ) -> tuple[TrainState, dict]:
     """(state, meta) of the best checkpoint of `workdir`."""
     from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint
-    from cars_jax.config import saved_value
     latest_mgr, best_mgr = checkpoint_managers(workdir,
-                                               saved_value(config, 'early_stopping_metric'))
+                                               config.early_stopping_metric)
     try:
         step = best_mgr.best_step()
         if step is None:
@@ -128,8 +127,7 @@ def write_eval_report(state: TrainState, records: Sequence[Record], class_names:
     metrics.write_per_class_csv(report, os.path.join(out_dir, f'{split}_per_class.csv'))
     report_plots.plot_confusion_matrix(cm, class_names, os.path.join(out_dir, f'{split}_confusion.png'))
     report_plots.plot_per_class_accuracy(report, os.path.join(out_dir, f'{split}_per_class_accuracy.png'))
-    with open(os.path.join(out_dir, f'{split}_report.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+    write_json_atomic(os.path.join(out_dir, f'{split}_report.json'), report, indent=1)
     log(f'[{split}] ' + metrics.format_report(report).replace('\n', f'\n[{split}] '))
     return report
 
@@ -172,9 +170,8 @@ def last_stage(config: ml_collections.ConfigDict) -> str:
 
 def stage_sides(config: ml_collections.ConfigDict) -> dict[str, int]:
     """{'stage1': side, ...}: each stage's map side at config.image_size."""
-    from cars_jax.config import saved_value
     sides = stage_map_sizes(config.image_size, len(config.stage_sizes),
-                            saved_value(config, 'stem_pool'))
+                            config.stem_pool)
     return {f'stage{i + 1}': s for i, s in enumerate(sides)}
 
 
@@ -356,8 +353,7 @@ def full_report(state: TrainState, data, config: ml_collections.ConfigDict, out_
                 f'{loc["mass_inside"]:.3f}; chance (box area share) {loc["chance_area_share"]:.3f}.')
     summary = {k: ({m: v[m] for m in ('top1', 'top5', 'macro_f1', 'weighted_f1')}
                    if k in ('val', 'test') else v) for k, v in result.items()}
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(out_dir, 'summary.json'), summary, indent=2)
     log(f'Reports in {out_dir}/')
     return result
 

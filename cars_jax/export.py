@@ -24,6 +24,7 @@ import numpy as np
 
 from cars_jax import serving
 from cars_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from cars_jax.fileio import write_json_atomic
 from cars_jax.model import ResNet
 
 
@@ -94,8 +95,7 @@ def export_model(variables: Mapping, model: ResNet, class_names: Sequence[str],
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, serving.MODULE_FILE), 'wb') as f:
         f.write(bytes(blob))
-    with open(os.path.join(path, serving.META_FILE), 'w') as f:
-        json.dump(meta, f, indent=1)
+    write_json_atomic(os.path.join(path, serving.META_FILE), meta, indent=1)
     shutil.copyfile(serving.__file__, os.path.join(path, 'serving.py'))
     return path
 

@@ -63,7 +63,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cars_jax.config import saved_value
 
 Initializer = Callable[..., jax.Array]
 
@@ -366,8 +365,8 @@ def build_model(config, num_classes: int) -> ResNet:
         widths=tuple(config.widths),
         dropout_rate=config.dropout,
         init_scheme=config.init,
-        zero_init_last_bn=saved_value(config, 'zero_init_last_bn'),   # older runs: their value
-        stem_pool=saved_value(config, 'stem_pool'),
+        zero_init_last_bn=config.zero_init_last_bn,
+        stem_pool=config.stem_pool,
         bn_momentum=config.bn_momentum,
         bn_eps=config.bn_eps,
         conv_impl=config.conv_impl,

@@ -21,7 +21,6 @@ from flax.training import train_state
 
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.device_augment import augment_batch, sample_device_params
-from cars_jax.config import saved_value
 from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
 from cars_jax.mixup import mix_batch
 from cars_jax.model import build_model, init_variables
@@ -65,7 +64,7 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_cl
     model = build_model(config, num_classes)
     variables = init_variables(model, rng, config.image_size)
     tx, schedule = make_optimizer(config, steps_per_epoch)
-    ema_decay = float(saved_value(config, 'ema_decay'))
+    ema_decay = float(config.ema_decay)
     # the average starts at the init, in buffers of its own (the state is donated to the step)
     ema = jax.tree.map(jnp.copy, variables) if ema_decay > 0 else None
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
@@ -192,12 +191,11 @@ def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def mix_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """The train step's loss and batch-mixing keywords from a config (older saved configs
-    have no CutMix fields: they ran without it)."""
+    """The train step's loss and batch-mixing keywords from a config."""
     return dict(label_smoothing=float(config.label_smoothing),
                 mixup_alpha=float(config.mixup_alpha), mixup_prob=float(config.mixup_prob),
-                cutmix_alpha=float(saved_value(config, 'cutmix_alpha')),
-                cutmix_share=float(saved_value(config, 'cutmix_share')))
+                cutmix_alpha=float(config.cutmix_alpha),
+                cutmix_share=float(config.cutmix_share))
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,

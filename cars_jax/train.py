@@ -33,7 +33,8 @@ import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
 
-from cars_jax.config import ConfigError, incompatible_fields, saved_value, validate_config
+from cars_jax.config import (ConfigError, incompatible_fields, read_run_config, run_config_json,
+                             validate_config)
 from cars_jax.console import Reporter, closed_on_error, fmt_time
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
@@ -82,7 +83,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: D
     run, state = _setup(config, workdir, data, log)
     state, progress = _resume(run, state)
     history = _read_history(run.history_path, upto_epoch=progress.epoch, rewrite=run.primary)
-    tb = open_run_writer(run.primary and saved_value(config, 'tensorboard'), workdir, _step(state))
+    tb = open_run_writer(run.primary and config.tensorboard, workdir, _step(state))
     _log_start(run, state)
 
     state, interrupted = _train_epochs(run, state, progress, history, tb, stop_after_steps)
@@ -143,7 +144,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data: DataBun
     data = data if data is not None else build_data(config)
     _check_workdir(workdir, config, data.class_names)
     if log.primary:
-        write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json()),
+        write_json_atomic(os.path.join(workdir, 'config.json'), run_config_json(config),
                           indent=2)
         write_json_atomic(os.path.join(workdir, 'class_names.json'), data.class_names, indent=2)
     if data.skipped and log.primary:
@@ -165,7 +166,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
     mesh = data_parallel_mesh() if jax.device_count() > 1 else None
     steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
                                                config.max_steps_per_epoch,
-                                               saved_value(config, 'drop_last_batch'),
+                                               config.drop_last_batch,
                                                _num_devices(mesh))
     if steps_per_epoch == 0:
         raise ConfigError(f'--config.batch_size={config.batch_size}: the {len(data.train)} '
@@ -302,7 +303,7 @@ def _epoch_dataset(run: _Run, epoch: int):
     """Epoch `epoch`'s batches: from the decode-once cache, or decoded and augmented on the
     host."""
     config, shard = run.config, (jax.process_index(), jax.process_count())
-    drop_last, devices = saved_value(config, 'drop_last_batch'), _num_devices(run.mesh)
+    drop_last, devices = config.drop_last_batch, _num_devices(run.mesh)
     if run.cache is not None:
         return pipeline.cached_train_epoch_dataset(
             run.cache.images, run.cache.orig_hw, run.data.train_labels, seed=config.seed,
@@ -622,8 +623,7 @@ def _remove_if_empty(folders: list[str]) -> None:
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]) -> None:
     saved_cfg = os.path.join(workdir, 'config.json')
     if os.path.exists(saved_cfg) and os.path.isdir(os.path.join(workdir, 'checkpoints', 'latest')):
-        with open(saved_cfg) as f:
-            diffs = incompatible_fields(json.load(f), config)
+        diffs = incompatible_fields(read_run_config(saved_cfg).to_dict(), config)
         if diffs:
             raise TrainingError(
                 f'{workdir} holds a run made with another config ({"; ".join(diffs)}). '

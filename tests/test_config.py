@@ -85,42 +85,62 @@ def test_incompatible_fields_lists_structural_changes_only():
     assert len(diffs) == 1 and diffs[0].startswith('widths')
 
 
-def test_a_run_saved_before_early_stopping_metric_existed_resumes_with_the_default():
+# A format-1 config.json (written before the version key existed) misses the fields added
+# since; its run ran with these values, which differ from (or are) configs/base.py's now.
+_FORMAT_1_RAN_WITH = [('early_stopping_metric', 'val_loss', 'val_accuracy'),
+                      ('stem_pool', True, False), ('ema_decay', 0.0, 0.999),
+                      ('drop_last_batch', True, False)]
+
+
+def _format_1_json(without):
     import json
-    saved = json.loads(demo.get_config().to_json())
-    del saved['early_stopping_metric']
-    assert incompatible_fields(saved, _cfg()) == []
-    diffs = incompatible_fields(saved, _cfg(early_stopping_metric='val_accuracy'))
-    assert len(diffs) == 1 and diffs[0].startswith('early_stopping_metric')
+    saved = json.loads(demo.get_config().to_json())    # format 1 had no version key
+    del saved[without]
+    return saved
 
 
-def test_a_run_saved_before_stem_pool_existed_resumes_as_the_pooled_net():
+@pytest.mark.parametrize('field,ran_with,other', _FORMAT_1_RAN_WITH)
+def test_a_format_1_run_resumes_with_what_it_ran_with_and_names_a_change(field, ran_with, other):
+    saved = _format_1_json(field)
+    assert incompatible_fields(saved, _cfg(**{field: ran_with})) == []
+    assert incompatible_fields(saved, _cfg(**{field: other})) == [
+        f'{field}: checkpoint has {ran_with!r}, now {other!r}']
+
+
+def test_a_run_writes_its_config_format_and_reads_back_the_plain_fields(tmp_path):
     import json
-    saved = json.loads(demo.get_config().to_json())
-    del saved['stem_pool']
-    assert incompatible_fields(saved, _cfg()) == []
-    diffs = incompatible_fields(saved, _cfg(stem_pool=False))
-    assert len(diffs) == 1 and diffs[0].startswith('stem_pool')
+
+    from cars_jax.config import CONFIG_FORMAT, read_run_config, run_config_json
+    c = _cfg(ema_decay=0.5)
+    written = run_config_json(c)
+    assert written['config_format'] == CONFIG_FORMAT >= 2
+    (tmp_path / 'config.json').write_text(json.dumps(written))
+    back = read_run_config(str(tmp_path / 'config.json'))
+    assert 'config_format' not in back and back.to_dict() == json.loads(c.to_json())
+    # format 1: the values its run used fill the fields it lacks; a field it has is kept
+    (tmp_path / 'config.json').write_text(json.dumps(_format_1_json('drop_last_batch')))
+    old = read_run_config(str(tmp_path / 'config.json'))
+    assert old.drop_last_batch is True and old.cutmix_alpha == c.cutmix_alpha
+    assert old.batch_size == c.batch_size
 
 
-def test_a_run_saved_before_ema_decay_existed_resumes_without_an_ema():
+def test_a_config_json_from_a_newer_cars_jax_is_one_clear_error(tmp_path):
     import json
-    saved = json.loads(demo.get_config().to_json())
-    del saved['ema_decay']
-    assert incompatible_fields(saved, _cfg()) == []
-    diffs = incompatible_fields(saved, _cfg(ema_decay=0.999))
-    assert len(diffs) == 1 and diffs[0].startswith('ema_decay')
+
+    from cars_jax.config import CONFIG_FORMAT, read_run_config
+    path = tmp_path / 'config.json'
+    path.write_text(json.dumps({'config_format': CONFIG_FORMAT + 1, 'batch_size': 4}))
+    with pytest.raises(ConfigError, match=rf'config.json has config format {CONFIG_FORMAT + 1}'
+                                          r'.*newer cars_jax.*upgrade'):
+        read_run_config(str(path))
 
 
-def test_a_run_saved_before_drop_last_batch_existed_resumes_dropping_it():
-    """Earlier runs dropped each epoch's last partial batch: resuming one keeps doing so (its
-    steps per epoch and schedule), and the seed's default is named as a change."""
-    import json
-    saved = json.loads(demo.get_config().to_json())
-    del saved['drop_last_batch']
-    assert incompatible_fields(saved, _cfg(drop_last_batch=True)) == []
-    diffs = incompatible_fields(saved, _cfg())
-    assert diffs == ['drop_last_batch: checkpoint has True, now False']
+def test_a_config_missing_a_field_names_it_and_points_to_base():
+    import ml_collections
+    fields = _cfg().to_dict()
+    del fields['cutmix_share']
+    with pytest.raises(ConfigError, match=r"no field 'cutmix_share'.*configs/base.py"):
+        validate_config(ml_collections.ConfigDict(fields))
 
 
 def test_drop_last_batch_defaults_to_the_seeds_and_must_be_a_bool():

@@ -93,15 +93,16 @@ def test_make_steps_binds_config_and_donates_state():
     assert float(evaluate(state, tiny_batch())['count']) == 8
 
 
-def test_make_steps_passes_cutmix_and_old_configs_run_without_it():
+def test_make_steps_passes_cutmix_and_format_1_runs_read_without_it():
     c = tiny_config(mixup_prob=1.0, mixup_alpha=0.0, cutmix_alpha=1.0)
     state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
     assert mix_hyperparameters(c)['cutmix_alpha'] == 1.0
     train, _ = make_steps(c)
     _, m = train(state, tiny_batch(), jax.random.PRNGKey(2))
     assert float(m['mixed']) == 1.0 and float(m['finite']) == 1.0   # only CutMix is on
-    old = ml_collections.ConfigDict({k: v for k, v in tiny_config().items()
-                                     if k not in ('cutmix_alpha', 'cutmix_share')})
+    from cars_jax.config import migrate_run_config   # a config.json from before CutMix
+    old = ml_collections.ConfigDict(migrate_run_config(
+        {k: v for k, v in tiny_config().items() if k not in ('cutmix_alpha', 'cutmix_share')}))
     hyper = mix_hyperparameters(old)
     assert (hyper['cutmix_alpha'], hyper['cutmix_share']) == (0.0, 0.5)
 
