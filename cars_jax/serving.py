@@ -36,7 +36,8 @@ EVAL_RESIZE_MODES = ('squash', 'center_crop')
 # ---- eval preprocessing (a copy of cars_jax.data.augment's, numpy + PIL only) --------------
 
 def ensure_rgb(image: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1 or HxWx3 -> HxWx3 (grey repeated)."""
+    """HxW, HxWx1 or HxWx3 -> HxWx3 (grey repeated); anything else (or an empty image) is
+    an error. cars_jax.data.augment uses this one too."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
@@ -44,6 +45,8 @@ def ensure_rgb(image: np.ndarray) -> np.ndarray:
         raise ValueError(f'expected an HxW, HxWx1 or HxWx3 image, got shape {image.shape}')
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f'empty image, shape {image.shape}')
     return image
 
 

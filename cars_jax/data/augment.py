@@ -40,6 +40,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from cars_jax.serving import ensure_rgb   # one copy; serving.py stays standalone (numpy only)
+
 # ITU-R 601-2 luma, as PIL's convert('L') (torchvision's tensor path uses 0.2989 for red).
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
@@ -267,20 +269,6 @@ def sample_train_params(rng: np.random.Generator, height: int, width: int,
 # ---------------------------------------------------------------------------------------------
 # geometric ops (dtype-preserving)
 # ---------------------------------------------------------------------------------------------
-
-def ensure_rgb(image: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1 or HxWx3 -> HxWx3 (gray replicated); anything else is an error."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f'expected an HxW, HxWx1 or HxWx3 image, got shape {image.shape}')
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f'empty image, shape {image.shape}')
-    return image
-
 
 def _size2(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(size, (int, np.integer)):
