@@ -47,6 +47,10 @@ flags.DEFINE_bool('tta', False, 'predict: average with the horizontally flipped 
 flags.DEFINE_string('layer', None, 'gradcam: the stage whose activation is explained, '
                     'stage1..stageN (default: the deepest stage whose maps are at least 2x2: '
                     'the last, as the seed\'s model.l4, from 33 px with the seed\'s net).')
+flags.DEFINE_string('compilation_cache', 'auto', "JAX's persistent compilation cache, so a "
+                    'resumed or repeated run loads its compiled steps instead of compiling them '
+                    'again: auto = $JAX_COMPILATION_CACHE_DIR if set, else '
+                    '$XDG_CACHE_HOME/cars_jax/xla (~/.cache/cars_jax/xla); a folder; or off.')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-process training (several hosts): '
                     'host:port of process 0, as jax.distributed.initialize. Under SLURM or Open '
@@ -66,7 +70,8 @@ def run(argv) -> int:
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
     if not FLAGS.verbose:  # library errors (e.g. a failed Orbax save) as one line each
         logging.get_absl_handler().addFilter(_drop_traceback)
-    from cars_jax import distributed
+    from cars_jax import compile_cache, distributed
+    compile_cache.enable_compilation_cache(FLAGS.compilation_cache)
     if FLAGS.mode == 'train':
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from cars_jax import console, train

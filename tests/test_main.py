@@ -29,8 +29,9 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_trains_is_interrupted_and_resumes(demo_dir, tmp_path):
     workdir = tmp_path / 'run'
+    cache = tmp_path / 'xla_cache'
     args = ['--config=configs/demo.py', f'--config.data_dir={demo_dir}', f'--workdir={workdir}',
-            '--config.num_epochs=2', *TINY]
+            '--config.num_epochs=2', f'--compilation_cache={cache}', *TINY]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -46,6 +47,7 @@ def test_demo_trains_is_interrupted_and_resumes(demo_dir, tmp_path):
     done = run_main(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'Resumed from' in done.stdout and 'Best checkpoint: epoch' in done.stdout
+    assert any(cache.iterdir()), 'the compiled steps went to --compilation_cache'
     rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
     assert [r['epoch'] for r in rows] == [1, 2]
     assert rows[-1]['step'] == 8
@@ -107,3 +109,17 @@ def test_a_top_k_below_1_is_a_one_line_error_naming_the_flag(value, tmp_path):
     errors = [l for l in r.stderr.splitlines() if l.startswith('error:')]
     assert errors == [f'error: flag --top_k={value}: {value} is not a positive integer (see '
                       'python main.py --helpfull)'], r.stderr
+
+
+def test_compilation_cache_setting_names_a_folder_or_off(tmp_path, monkeypatch):
+    from cars_jax.compile_cache import enable_compilation_cache, resolve_cache_dir
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert resolve_cache_dir('auto') == str(tmp_path / 'xdg' / 'cars_jax' / 'xla')
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'mine'))
+    assert resolve_cache_dir('auto') == str(tmp_path / 'mine')      # the user's own wins
+    assert resolve_cache_dir(str(tmp_path / 'x')) == str(tmp_path / 'x')
+    assert resolve_cache_dir('off') is None and enable_compilation_cache('off') is None
+    blocked = tmp_path / 'file'
+    blocked.write_text('')                 # a file where the folder should be: no cache, no error
+    assert enable_compilation_cache(str(blocked / 'sub')) is None
