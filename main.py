@@ -51,6 +51,11 @@ flags.DEFINE_string('compilation_cache', 'auto', "JAX's persistent compilation c
                     'resumed or repeated run loads its compiled steps instead of compiling them '
                     'again: auto = $JAX_COMPILATION_CACHE_DIR if set, else '
                     '$XDG_CACHE_HOME/cars_jax/xla (~/.cache/cars_jax/xla); a folder; or off.')
+flags.DEFINE_bool('xla_cpu_fusions', True, "XLA:CPU: keep single convolutions with XLA's own "
+                  'kernels instead of YNNPACK (jaxlib >= 0.10; faster training, see '
+                  'BENCHMARKS.md; your own XLA_FLAGS naming '
+                  "--xla_cpu_experimental_ynn_fusion_type win). --noxla_cpu_fusions: jaxlib's "
+                  'defaults.')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks of user errors.')
 flags.DEFINE_string('coordinator_address', '', 'Multi-process training (several hosts): '
                     'host:port of process 0, as jax.distributed.initialize. Under SLURM or Open '
@@ -70,8 +75,10 @@ def run(argv) -> int:
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
     if not FLAGS.verbose:  # library errors (e.g. a failed Orbax save) as one line each
         logging.get_absl_handler().addFilter(_drop_traceback)
-    from cars_jax import compile_cache, distributed
-    compile_cache.enable_compilation_cache(FLAGS.compilation_cache)
+    from cars_jax import distributed, runtime
+    if FLAGS.xla_cpu_fusions:
+        runtime.apply_cpu_xla_flags()
+    runtime.enable_compilation_cache(FLAGS.compilation_cache)
     if FLAGS.mode == 'train':
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from cars_jax import console, train

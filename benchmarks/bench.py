@@ -3,6 +3,8 @@
   python benchmarks/bench.py loader [--data_dir=data/demo] [--image_size=224] [--batches=20]
   python benchmarks/bench.py step [--image_size=64] [--batch_size=32] [--conv_impls=xla,auto]
   python benchmarks/bench.py fused [--num_images=8144] [--image_size=224] [--epochs=70]
+  python benchmarks/bench.py cpu [--sizes=64,128,224] [--settings=xla,auto,...] [--repeats=5]
+  python benchmarks/bench.py convs [--image_size=64] [--batch_size=32] [--repeats=5]
 
 (from the repository root; `python -m benchmarks.bench ...` is the same).
 
@@ -20,7 +22,15 @@ train step in eager PyTorch when torch imports ('vs PyTorch').
 `fused`: the moonshot path: a Stanford-Cars-shaped uint8 dataset resident on the device and
 whole epochs as `lax.scan` chunks (`benchmarks/fused.py`); compile time, steady images/s,
 on-device eval images/s, and the wall time of the seed's recipe, projected from the measured
-rate (and measured when every epoch ran). Each mode writes a JSON.
+rate (and measured when every epoch ran).
+`cpu`: the train and eval step per XLA:CPU setting (`benchmarks/cpu_settings.py`: library
+backends through XLA_FLAGS, the conv form, bf16), each in a fresh process, at each size, with
+the seed's PyTorch step measured in the same run ('vs PyTorch'), and whether the setting keeps
+the numerics (a tiny net's losses over 20 steps against plain `lax.conv` float32).
+`convs`: where the train step's time goes: each of the seed's convolutions at one input size,
+its forward, input-gradient and weight-gradient pass jitted alone, as `lax.conv` and as the
+im2col + matmul form, in ms and GFLOP/s (with the process's XLA_FLAGS).
+Each mode writes a JSON.
 """
 from __future__ import annotations
 
@@ -74,6 +84,9 @@ def define_flags() -> None:
     flags.DEFINE_integer('run_epochs', 0, 'fused: epochs actually run (0: all --epochs); the '
                          'rest is projected from the measured rate.')
     flags.DEFINE_integer('chunk_steps', 0, 'fused: train steps per scan chunk (0: one epoch).')
+    flags.DEFINE_string('sizes', '64,128,224', 'cpu: image sizes.')
+    flags.DEFINE_string('settings', '', 'cpu: names from benchmarks/cpu_settings.py SETTINGS '
+                        '(empty: all).')
 
 
 def machine() -> str:
@@ -465,6 +478,96 @@ def run_fused(num_images: int = 8144, num_classes: int = 196, cache_size: int = 
     return results
 
 
+def run_cpu(sizes: Sequence[int], settings: Sequence[str], batch_size: int, steps: int,
+            repeats: int, *, widths: Sequence[int] = SEED_WIDTHS,
+            stage_sizes: Sequence[int] = SEED_STAGES, num_classes: int = 196,
+            use_torch: bool = True) -> dict:
+    """Per size: the seed's PyTorch step (when torch imports), then every setting in a fresh
+    process (cpu_settings.run_child); the numerics check against the first setting."""
+    from benchmarks import cpu_settings
+    unknown = [s for s in settings if s not in cpu_settings.SETTINGS]
+    if unknown:
+        raise ValueError(f'unknown --settings {unknown}; choose from '
+                         f'{", ".join(cpu_settings.SETTINGS)}')
+    torch = seed_torch.import_torch() if use_torch else None
+    arch = dict(widths=tuple(widths), stage_sizes=tuple(stage_sizes))
+    out = {'machine': machine(), 'batch_size': batch_size, 'steps': steps, 'repeats': repeats,
+           'num_classes': num_classes, **{k: list(v) for k, v in arch.items()},
+           'settings': {n: {'xla_flags': cpu_settings.SETTINGS[n][0],
+                            'config': cpu_settings.SETTINGS[n][1]} for n in settings},
+           'loss_atol': cpu_settings.LOSS_ATOL, 'sizes': {}}
+    for size in sizes:
+        rows = {}
+        if torch is not None:
+            t = seed_torch.torch_step_rates(torch, size, batch_size, steps, repeats,
+                                             num_classes=num_classes, **arch)
+            rows['pytorch'] = {'framework': seed_torch.torch_version(torch), **t}
+        for name in settings:
+            rows[name] = cpu_settings.run_child(name, size, batch_size, steps, repeats,
+                                                widths, stage_sizes, num_classes)
+        _compare(rows, settings)
+        out['sizes'][str(size)] = rows
+    return out
+
+
+def _compare(rows: dict, settings: Sequence[str]) -> None:
+    """Adds vs_pytorch / eval_vs_pytorch and the loss deviation from the first setting."""
+    torch = rows.get('pytorch')
+    base = rows[settings[0]].get('check_losses')
+    for name in settings:
+        r = rows[name]
+        if 'error' in r:
+            continue
+        if torch is not None:
+            r['vs_pytorch'] = r['train_images_per_s'] / torch['train_images_per_s']
+            r['eval_vs_pytorch'] = r['eval_images_per_s'] / torch['eval_images_per_s']
+        if base is not None:
+            r['max_loss_diff'] = max(abs(a - b) for a, b in zip(r['check_losses'], base))
+
+
+def print_cpu_table(results: dict) -> None:
+    from benchmarks.cpu_settings import LOSS_ATOL
+    print(f'XLA:CPU settings on {results["machine"]}: seed ResNet {results["stage_sizes"]} x '
+          f'{results["widths"]}, batch {results["batch_size"]}, median [min-max] of '
+          f'{results["repeats"]} x {results["steps"]} steps')
+    for size, rows in results['sizes'].items():
+        print(f'--- {size} px')
+        print(f'{"setting":18s} {"train img/s":>22s} {"vs PyTorch":>10s} {"eval img/s":>24s} '
+              f'{"vs PyTorch":>10s} {"compile s":>9s}  numerics (20 steps vs first setting)')
+        for name, r in rows.items():
+            if 'error' in r:
+                print(f'{name:18s} failed: {r["error"][:150]}')
+                continue
+            tr, ev = r['train_range'], r['eval_range']
+            same = r.get('max_loss_diff')
+            verdict = ('' if same is None else
+                       f'max |loss diff| {same:.1e} '
+                       + ('(same)' if same <= LOSS_ATOL else '(differs)'))
+            print(f'{name:18s} {r["train_images_per_s"]:7.1f} [{tr[0]:.1f}-{tr[1]:.1f}]'
+                  f'{r.get("vs_pytorch", 1.0) if name != "pytorch" else 1.0:10.2f}x'
+                  f' {r["eval_images_per_s"]:8.1f} [{ev[0]:.1f}-{ev[1]:.1f}]'
+                  f'{r.get("eval_vs_pytorch", 1.0) if name != "pytorch" else 1.0:10.2f}x'
+                  f' {r.get("first_step_incl_compile_s", r.get("first_step_s", 0.0)):9.1f}'
+                  f'  {verdict}')
+
+
+def print_convs_table(results: dict) -> None:
+    print(f'Seed convolutions on {results["machine"]}, {results["image_size"]} px, batch '
+          f'{results["batch_size"]}, best of {results["repeats"]}, XLA_FLAGS='
+          f'{results["xla_flags"] or "(none)"}: ms (GFLOP/s)')
+    passes = ('forward', 'input_grad', 'weight_grad')
+    print(f'{"layer":15s} {"map":>9s} {"GFLOP":>6s} '
+          + ' '.join(f'{f + " " + p:>22s}' for f in ('xla', 'matmul') for p in passes))
+    for r in results['rows']:
+        cells = []
+        for form in ('xla', 'matmul'):
+            for p in passes:
+                ms = r[f'{form}_{p}_ms']
+                cells.append(f'{ms:11.1f} ({r["gflop"] / ms * 1e3:6.0f})')
+        print(f'{r["layer"]:15s} {r["input"]:4d}->{r["output"]:<4d} {r["gflop"]:6.2f} '
+              + ' '.join(f'{c:>22s}' for c in cells))
+
+
 def print_fused_table(r: dict) -> None:
     print(f'Fused benchmark on {r["machine"]} ({r["backend"]}: {r["device"]}): '
           f'{r["num_images"]} train images cached at {r["cache_size"]} px -> {r["image_size"]} px, '
@@ -535,14 +638,18 @@ def print_table(results: dict) -> None:
         print('note:', n)
 
 
-MODES = ('loader', 'step', 'fused')
+MODES = ('loader', 'step', 'fused', 'cpu', 'convs')
 
 
 def main(argv) -> None:
     if len(argv) < 2 or argv[1] not in MODES:
-        raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused [--flags]')
+        raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused|cpu|convs '
+                             '[--flags]')
     arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
                 stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
+    if argv[1] != 'cpu':   # the XLA:CPU defaults main.py runs with (cpu sets its own per child)
+        from cars_jax.runtime import apply_cpu_xla_flags
+        apply_cpu_xla_flags()
     if argv[1] == 'loader':
         results = run_loader(FLAGS.data_dir, FLAGS.image_size, FLAGS.batch_size, FLAGS.batches,
                              FLAGS.repeats, _ints(FLAGS.workers, ()),
@@ -554,6 +661,19 @@ def main(argv) -> None:
                            FLAGS.conv_impls.split(','), num_classes=FLAGS.num_classes,
                            use_torch=FLAGS.torch, **arch)
         print_step_table(results)
+    elif argv[1] == 'convs':
+        from benchmarks.cpu_settings import conv_pass_times
+        results = {'machine': machine(), 'image_size': FLAGS.image_size,
+                   'batch_size': FLAGS.batch_size, 'repeats': FLAGS.repeats,
+                   'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                   'rows': conv_pass_times(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats)}
+        print_convs_table(results)
+    elif argv[1] == 'cpu':
+        from benchmarks.cpu_settings import SETTINGS
+        results = run_cpu(_ints(FLAGS.sizes, ()), FLAGS.settings.split(',') if FLAGS.settings
+                          else list(SETTINGS), FLAGS.batch_size, FLAGS.steps, FLAGS.repeats,
+                          num_classes=FLAGS.num_classes, use_torch=FLAGS.torch, **arch)
+        print_cpu_table(results)
     else:
         results = run_fused(FLAGS.num_images, FLAGS.num_classes, FLAGS.cache_size,
                             FLAGS.image_size, FLAGS.epochs, FLAGS.batch_size, FLAGS.chunk_steps,

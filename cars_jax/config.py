@@ -23,13 +23,14 @@ _CHOICES = {
     'augment_on': ('auto', 'host', 'device'),
     'optimizer': ('adamw', 'sgd'),
     'early_stopping_metric': ('val_loss', 'val_accuracy'),
+    'loss': ('cross_entropy', 'cosine'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
                      'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size')
 _POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
-                       'translate', 'shear_degrees', 'mixup_alpha', 'min_delta')
+                       'translate', 'shear_degrees', 'mixup_alpha', 'min_delta', 'cosine_ce_weight')
 _PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2',
                 'momentum')
 _RANGES = ('rrc_scale', 'rrc_ratio', 'blur_sigma', 'erasing_scale', 'erasing_ratio')
@@ -133,15 +134,17 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
 
-# The format of the config.json each run writes (key 'config_format'). Raise it when a field
-# is added whose value in earlier runs was not configs/base.py's new default, and add what
-# those runs ran with to `migrate_run_config`: the rest of the package reads plain fields.
+# The format of the config.json each run writes (key 'config_format'). A field added to
+# configs/base.py after a format was released raises the version, and `_ADDED_AFTER` says what
+# the runs of the older format ran with: the rest of the package reads plain fields.
 CONFIG_FORMAT = 2
-# Format 1 (config.json without 'config_format'): runs made before these fields existed ran
-# with these values (drop_last_batch: they dropped each epoch's last partial batch).
-_FORMAT_1_VALUES = {'early_stopping_metric': 'val_loss', 'stem_pool': True,
-                    'zero_init_last_bn': False, 'ema_decay': 0.0, 'cutmix_alpha': 0.0,
-                    'cutmix_share': 0.5, 'tensorboard': True, 'drop_last_batch': True}
+# format -> {field: value} for the fields the next format added. Format 1 is a config.json
+# without 'config_format' (drop_last_batch: those runs dropped each epoch's last partial batch).
+_ADDED_AFTER = {
+    1: {'early_stopping_metric': 'val_loss', 'stem_pool': True, 'zero_init_last_bn': False,
+        'ema_decay': 0.0, 'cutmix_alpha': 0.0, 'cutmix_share': 0.5, 'tensorboard': True,
+        'drop_last_batch': True, 'loss': 'cross_entropy', 'cosine_ce_weight': 0.1},
+}
 
 
 def run_config_json(config: ml_collections.ConfigDict) -> dict:
@@ -158,8 +161,8 @@ def migrate_run_config(saved: dict, source: str = 'config.json') -> dict:
         raise ConfigError(f'{source} has config format {version!r}, and this cars_jax reads '
                           f'formats 1 to {CONFIG_FORMAT}: it was written by a newer cars_jax; '
                           'upgrade cars_jax to use that run.')
-    if version == 1:
-        saved = {**_FORMAT_1_VALUES, **saved}
+    for older in range(version, CONFIG_FORMAT):
+        saved = {**_ADDED_AFTER[older], **saved}
     return saved
 
 

@@ -46,11 +46,10 @@ maps instead of 2x2, the low-resolution stem of CIFAR/Tiny-ImageNet ResNets. It 
 parameter, so the weights still map onto the seed's `state_dict`, but the seed's PyTorch model
 would pool them: a different function. 'pool' is then the stem's output unchanged.
 
-CPU speed: XLA:CPU's convolution is ~70x slower than the equivalent matmul on 2x2 maps
-(BENCHMARKS.md), which the last stages reach at 32-64 px input,
-and measured slower than it in the train pass on large maps (>=32x32) too. `Conv(impl='auto')`
-on CPU uses the im2col + one matmul form on <=4x4 maps and, when training, on >=32x32 maps;
-GPU/TPU keep `lax.conv`. Both forms share the same `kernel` parameter and agree to float rounding.
+CPU speed: XLA:CPU's convolution is ~100x slower than the equivalent matmul on 2x2 maps
+(BENCHMARKS.md, `python benchmarks/bench.py convs`), which the last stages reach at 32-64 px
+input. `Conv(impl='auto')` on CPU uses the im2col + one matmul form on <=4x4 maps; GPU/TPU keep
+`lax.conv`. Both forms share the same `kernel` parameter and agree to float rounding.
 """
 from __future__ import annotations
 
@@ -85,8 +84,7 @@ def compute_dtype(name: str, backend: str) -> Any:
     return DTYPES[name]
 
 
-AUTO_MATMUL_MAX_HW = 4          # 'auto' on CPU: the matmul form for outputs of at most 4x4,
-AUTO_MATMUL_TRAIN_MIN_HW = 32   #   and when training for outputs of at least 32x32
+AUTO_MATMUL_MAX_HW = 4          # 'auto' on CPU: the matmul form for outputs of at most 4x4
 
 
 # ---- initialisers -------------------------------------------------------------------------
@@ -147,16 +145,15 @@ def min_image_size(num_stages: int, stem_pool: bool = True) -> int:
     return size
 
 
-def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False) -> str:
+def resolve_conv_impl(impl: str, out_h: int, out_w: int) -> str:
     """'xla' or 'matmul' for a conv with a static output size (trace-time decision).
 
     'auto' on GPU/TPU is `lax.conv`. On CPU it is the matmul form on maps of at most
-    AUTO_MATMUL_MAX_HW (XLA:CPU's conv is ~70x slower there) and, in the
-    train pass, also on maps of at least AUTO_MATMUL_TRAIN_MIN_HW: on a 2-core AMD EPYC
-    the train step at 128 px ran ~2x faster with those (the stem's and stage 1's
-    maps) as matmuls, while 8-16 px maps gained nothing, the forward-only eval step gained
-    nothing or lost (0.78x at 224 px), and the matmul form costs compile time (~+30% for the
-    tests' tiny nets). BENCHMARKS.md has the numbers.
+    AUTO_MATMUL_MAX_HW, where XLA:CPU's conv is ~100x slower (a 2x2 map with padding 1 takes
+    it 0.3 s at batch 32), and `lax.conv` elsewhere. (An earlier rule also took the matmul
+    form for >=32x32 maps in the train pass, measured faster on an AMD EPYC under jaxlib's
+    default flags; with XLA's own convolutions (cars_jax.runtime) it cost 1.35x at 128 px on
+    an Intel Xeon. AMD is not re-measured.) BENCHMARKS.md has the numbers.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
@@ -165,8 +162,7 @@ def resolve_conv_impl(impl: str, out_h: int, out_w: int, training: bool = False)
     if jax.default_backend() != 'cpu':
         return 'xla'
     small = out_h <= AUTO_MATMUL_MAX_HW and out_w <= AUTO_MATMUL_MAX_HW
-    large = out_h >= AUTO_MATMUL_TRAIN_MIN_HW and out_w >= AUTO_MATMUL_TRAIN_MIN_HW
-    return 'matmul' if small or (training and large) else 'xla'
+    return 'matmul' if small else 'xla'
 
 
 def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -205,7 +201,6 @@ class Conv(nn.Module):
     kernel_init: Initializer = pytorch_kernel_init
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    training: bool = False        # only picks the CPU form under impl='auto'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -215,8 +210,7 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         oh = conv_output_size(x.shape[1], k, self.strides, self.padding)
         ow = conv_output_size(x.shape[2], k, self.strides, self.padding)
-        fn = (conv_matmul if resolve_conv_impl(self.impl, oh, ow, self.training) == 'matmul'
-              else conv_xla)
+        fn = conv_matmul if resolve_conv_impl(self.impl, oh, ow) == 'matmul' else conv_xla
         return fn(x, kernel, self.strides, self.padding)
 
 
@@ -316,8 +310,7 @@ class ResNet(nn.Module):
                              f'{tuple(self.widths)} differ in length')
         pytorch_init = self.init_scheme == 'pytorch'
         kernel_init = pytorch_kernel_init if pytorch_init else he_normal_fan_out
-        conv = functools.partial(Conv, impl=self.conv_impl, training=train,
-                                 kernel_init=kernel_init,
+        conv = functools.partial(Conv, impl=self.conv_impl, kernel_init=kernel_init,
                                  dtype=self.dtype)
         norm = functools.partial(BatchNorm, use_running_average=not train,
                                  momentum=self.bn_momentum, epsilon=self.bn_eps,

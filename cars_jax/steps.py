@@ -21,7 +21,7 @@ from flax.training import train_state
 
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.device_augment import augment_batch, sample_device_params
-from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
+from cars_jax.losses import mixed_loss, topk_correct
 from cars_jax.mixup import mix_batch
 from cars_jax.model import build_model, init_variables
 from cars_jax.optim import make_optimizer
@@ -79,8 +79,10 @@ def _tree_all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothing: float = 0.05,
                mixup_alpha: float = 0.4, mixup_prob: float = 0.5, cutmix_alpha: float = 0.0,
-               cutmix_share: float = 0.5) -> tuple[TrainState, Metrics]:
-    """One optimiser step. Defaults are the seed's values (cutmix_alpha 0: MixUp only).
+               cutmix_share: float = 0.5, loss: str = 'cross_entropy',
+               cosine_ce_weight: float = 0.1) -> tuple[TrainState, Metrics]:
+    """One optimiser step. Defaults are the seed's values (cutmix_alpha 0: MixUp only; the
+    label-smoothed cross-entropy; `loss='cosine'`: see `losses.mixed_loss`).
 
     A non-finite loss or gradient leaves the state unchanged and reports `finite=0`, so a
     NaN can never reach parameters or checkpoints; the caller decides to stop.
@@ -96,10 +98,11 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
         logits, new_model_state = state.apply_fn(
             {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
             rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-        loss = mixed_cross_entropy(logits, labels_a, labels_b, lam, label_smoothing).mean()
-        return loss, (logits, new_model_state)
+        value = mixed_loss(logits, labels_a, labels_b, lam, label_smoothing, loss,
+                           cosine_ce_weight).mean()
+        return value, (logits, new_model_state)
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (value, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state['batch_stats'])
     if state.ema is not None:
@@ -108,12 +111,12 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
         new_state = new_state.replace(
             ema=optax.incremental_update(live, state.ema, step_size=1.0 - decay))
     # finite gradients can still overflow in the update (a huge lr): check what would be kept
-    finite = (jnp.isfinite(loss) & _tree_all_finite(grads)
+    finite = (jnp.isfinite(value) & _tree_all_finite(grads)
               & _tree_all_finite((new_state.params, new_state.batch_stats)))
     # Keep the old state where anything is non-finite (step included: the caller stops).
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {
-        'loss': loss,
+        'loss': value,
         'accuracy': jnp.mean(topk_correct(logits, labels_a, 1)),
         'mixed': (lam < 1.0).astype(jnp.float32),
         'lr': jnp.asarray(state.lr_schedule(state.step), jnp.float32),
@@ -157,8 +160,10 @@ def train_step_cached(state: TrainState, batch: Batch, rng: jax.Array, *, aug: A
 
 
 def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05,
-              flip_tta: bool = False) -> Metrics:
-    """Sums over the batch (divide by `count`): loss (the seed's label-smoothed criterion),
+              flip_tta: bool = False, loss: str = 'cross_entropy',
+              cosine_ce_weight: float = 0.1) -> Metrics:
+    """Sums over the batch (divide by `count`): loss (the training loss unmixed: the seed's
+    label-smoothed criterion by default),
     top-1 and top-5 hits. An optional `mask` marks padding. flip_tta: score the mean of the
     logits of each image and its mirror image (not the seed; cars are left-right symmetric
     enough that the two views are near-independent evidence)."""
@@ -170,7 +175,8 @@ def eval_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.05,
     mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
     k5 = min(5, logits.shape[-1])
     return {
-        'loss_sum': jnp.sum(smoothed_cross_entropy(logits, batch['label'], label_smoothing) * mask),
+        'loss_sum': jnp.sum(mixed_loss(logits, batch['label'], batch['label'], 1.0,
+                                       label_smoothing, loss, cosine_ce_weight) * mask),
         'correct_sum': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
         'top5_sum': jnp.sum(topk_correct(logits, batch['label'], k5) * mask),
         'count': jnp.sum(mask),
@@ -195,7 +201,8 @@ def mix_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
     return dict(label_smoothing=float(config.label_smoothing),
                 mixup_alpha=float(config.mixup_alpha), mixup_prob=float(config.mixup_prob),
                 cutmix_alpha=float(config.cutmix_alpha),
-                cutmix_share=float(config.cutmix_share))
+                cutmix_share=float(config.cutmix_share), loss=str(config.loss),
+                cosine_ce_weight=float(config.cosine_ce_weight))
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
@@ -215,7 +222,9 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     else:
         train_fn = lambda s, b, r: train_step_cached(s, b, r, aug=device_aug, **kw)
     eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing,
-                                     flip_tta=bool(config.get('eval_flip_tta', False)))
+                                     flip_tta=bool(config.get('eval_flip_tta', False)),
+                                     loss=str(config.loss),
+                                     cosine_ce_weight=float(config.cosine_ce_weight))
     if mesh is None or mesh.size == 1:
         return jax.jit(train_fn, donate_argnums=(0,)), jax.jit(eval_fn)
     if config.batch_size % mesh.size:

@@ -104,6 +104,46 @@ def test_step_rows_and_ratios():
     bench.print_step_table(r)
 
 
+def test_cpu_settings_run_in_their_own_process_and_the_numerics_check_can_fail(monkeypatch):
+    """Each setting runs in a child with its XLA_FLAGS; the YNNPACK fusions (the CPU default of
+    main.py) keep the baseline's 20-step losses, bf16 moves them past the tolerance, and an unknown XLA flag is
+    a row with the child's error, not a crash."""
+    from benchmarks import cpu_settings
+    settings = ['xla', 'auto+no_ynn_conv', 'auto+bf16']
+    r = bench.run_cpu([16], settings, 4, 2, 2, num_classes=3, use_torch=False, **TINY_NET)
+    rows = r['sizes']['16']
+    assert list(rows) == settings and 'pytorch' not in rows
+    assert rows['auto+no_ynn_conv']['xla_flags'].endswith(cpu_settings.SETTINGS['auto+no_ynn_conv'][0])
+    assert rows['xla']['max_loss_diff'] == 0.0
+    assert len(rows['xla']['check_losses']) == cpu_settings.CHECK_STEPS
+    assert rows['auto+no_ynn_conv']['max_loss_diff'] <= cpu_settings.LOSS_ATOL
+    assert rows['auto+bf16']['max_loss_diff'] > cpu_settings.LOSS_ATOL
+    bench.print_cpu_table(r)
+    monkeypatch.setitem(cpu_settings.SETTINGS, '_bad', ('--xla_cpu_no_such_flag=1', {}))
+    row = cpu_settings.run_child('_bad', 16, 4, 1, 1, TINY_NET['widths'],
+                                 TINY_NET['stage_sizes'], 3)
+    assert 'error' in row and row['error']
+    with pytest.raises(ValueError, match='unknown --settings'):
+        bench.run_cpu([16], ['nope'], 4, 1, 1, use_torch=False, **TINY_NET)
+
+
+def test_conv_passes_cover_every_seed_conv_shape():
+    from benchmarks.cpu_settings import conv_pass_times, seed_conv_layers
+    from cars_jax.model import stage_map_sizes
+    layers = seed_conv_layers(64)
+    assert [l[0] for l in layers][:2] == ['stem 7x7/2', 'stage1 3x3'] and len(layers) == 8
+    # each stage's repeated conv works at the map size the model computes
+    assert [l[1] for l in layers if l[0].endswith(' 3x3')] == stage_map_sizes(64, 4)
+    rows = conv_pass_times(16, batch_size=2, repeats=1)
+    stem = rows[0]
+    assert (stem['input'], stem['output']) == (16, 8)
+    assert math.isclose(stem['gflop'], 2 * 2 * 8 * 8 * 7 * 7 * 3 * 64 / 1e9)
+    for r in rows:
+        for form in ('xla', 'matmul'):
+            for p in ('forward', 'input_grad', 'weight_grad'):
+                assert r[f'{form}_{p}_ms'] > 0
+
+
 def test_torch_seed_network_matches_the_seed():
     torch = pytest.importorskip('torch')
     net = seed_torch.build_seed_resnet(torch)

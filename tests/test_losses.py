@@ -98,3 +98,43 @@ def test_topk_hits_and_misses_and_ties():
         np.asarray(jnp.argmax(logits, -1) == labels).astype(np.float32))
     # k beyond the number of classes: everything counts.
     np.testing.assert_array_equal(np.asarray(topk_correct(logits, labels, 10)), [1, 1, 1])
+
+
+def np_cosine_loss(logits, labels):
+    """Barz & Denzler's L_cos = 1 - <psi(y), f(x) / ||f(x)||> with one-hot psi, float64."""
+    x = np.asarray(logits, np.float64)
+    onehot = np.eye(x.shape[1])[labels]
+    return 1.0 - (onehot * x).sum(1) / np.linalg.norm(x, axis=1)
+
+
+def test_cosine_loss_matches_the_papers_formula_and_ignores_the_scale():
+    from cars_jax.losses import cosine_loss
+    got = np.asarray(cosine_loss(jnp.asarray(LOGITS), jnp.asarray(LABELS)))
+    np.testing.assert_allclose(got, np_cosine_loss(LOGITS, LABELS), rtol=1e-6, atol=1e-6)
+    scaled = np.asarray(cosine_loss(jnp.asarray(LOGITS * 50.0), jnp.asarray(LABELS)))
+    np.testing.assert_allclose(scaled, got, atol=1e-6)
+    # hand values: along the label 0, opposite 2, orthogonal 1; a zero output stays finite
+    f = jnp.asarray([[2.0, 0.0], [-3.0, 0.0], [0.0, 5.0], [0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(cosine_loss(f, jnp.asarray([0, 0, 0, 0]))),
+                               [0.0, 2.0, 1.0, 1.0], atol=1e-7)
+    g = jax.grad(lambda x: cosine_loss(x, jnp.zeros(4, jnp.int32)).sum())(f)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize('ce_weight', [0.0, 0.1])
+def test_mixed_cosine_loss_is_the_mixup_weighting_plus_the_weighted_ce(ce_weight):
+    from cars_jax.losses import mixed_loss
+    b = np.roll(LABELS, 3)
+    lam = 0.3
+    got = np.asarray(mixed_loss(jnp.asarray(LOGITS), jnp.asarray(LABELS), jnp.asarray(b), lam,
+                                0.05, 'cosine', ce_weight))
+    want = (lam * np_cosine_loss(LOGITS, LABELS) + (1 - lam) * np_cosine_loss(LOGITS, b)
+            + ce_weight * (lam * np_ls_ce(LOGITS, LABELS, 0.05)
+                           + (1 - lam) * np_ls_ce(LOGITS, b, 0.05)))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    ce = np.asarray(mixed_loss(jnp.asarray(LOGITS), jnp.asarray(LABELS), jnp.asarray(b), lam,
+                               0.05))        # the default is the seed's criterion
+    np.testing.assert_allclose(ce, lam * np_ls_ce(LOGITS, LABELS, 0.05)
+                               + (1 - lam) * np_ls_ce(LOGITS, b, 0.05), rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match='loss must be one of'):
+        mixed_loss(jnp.asarray(LOGITS), jnp.asarray(LABELS), jnp.asarray(b), lam, 0.0, 'l2')

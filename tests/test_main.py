@@ -112,7 +112,7 @@ def test_a_top_k_below_1_is_a_one_line_error_naming_the_flag(value, tmp_path):
 
 
 def test_compilation_cache_setting_names_a_folder_or_off(tmp_path, monkeypatch):
-    from cars_jax.compile_cache import enable_compilation_cache, resolve_cache_dir
+    from cars_jax.runtime import enable_compilation_cache, resolve_cache_dir
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
     assert resolve_cache_dir('auto') == str(tmp_path / 'xdg' / 'cars_jax' / 'xla')
@@ -123,3 +123,13 @@ def test_compilation_cache_setting_names_a_folder_or_off(tmp_path, monkeypatch):
     blocked = tmp_path / 'file'
     blocked.write_text('')                 # a file where the folder should be: no cache, no error
     assert enable_compilation_cache(str(blocked / 'sub')) is None
+
+
+def test_cpu_xla_flags_add_the_ynn_fusions_unless_the_user_chose_or_jaxlib_is_older():
+    from cars_jax.runtime import YNN_FUSION_FLAG, YNN_FUSION_TYPES, cpu_xla_flags
+    ours = f'{YNN_FUSION_FLAG}={YNN_FUSION_TYPES}'
+    assert cpu_xla_flags('', '0.10.2') == ours
+    assert cpu_xla_flags('--xla_dump_to=/tmp/d ', '0.12.0.1') == f'--xla_dump_to=/tmp/d {ours}'
+    mine = f'{YNN_FUSION_FLAG}=-eltwise'
+    assert cpu_xla_flags(mine, '0.10.2') == mine          # the user's own choice wins
+    assert cpu_xla_flags('', '0.9.0') == ''               # older jaxlib: flag maybe unknown

@@ -238,3 +238,22 @@ def test_ema_decay_is_validated():
     for bad in (1.0, -0.1):
         with pytest.raises(ConfigError, match='ema_decay'):
             validate_config(tiny_config(ema_decay=bad))
+
+
+def test_cosine_loss_config_reaches_the_train_and_eval_steps():
+    """loss='cosine' (no CE term): eval's loss is the paper's formula on the eval logits, and
+    the train step's loss lies in the cosine loss's [0, 2] and differs from the CE run's."""
+    import numpy as np
+    c = tiny_config(loss='cosine', cosine_ce_weight=0.0, mixup_prob=0.0)
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    train, evaluate = make_steps(c)
+    batch = tiny_batch()
+    logits = np.asarray(state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                                       batch['image'], train=False), np.float64)
+    cos = 1 - logits[np.arange(8), batch['label']] / np.linalg.norm(logits, axis=1)
+    out = evaluate(state, dict(batch, mask=np.ones(8, np.float32)))
+    np.testing.assert_allclose(float(out['loss_sum']), cos.sum(), rtol=1e-5)
+    _, m = train(state, batch, jax.random.PRNGKey(1))
+    state_ce = create_train_state(tiny_config(mixup_prob=0.0), jax.random.PRNGKey(0), 3, 10)
+    _, m_ce = make_steps(tiny_config(mixup_prob=0.0))[0](state_ce, batch, jax.random.PRNGKey(1))
+    assert 0.0 <= float(m['loss']) <= 2.0 and abs(float(m['loss']) - float(m_ce['loss'])) > 0.1

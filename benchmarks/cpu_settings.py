@@ -1,0 +1,172 @@
+"""XLA:CPU settings for the seed's train and eval step: library backends, conv form, bf16.
+
+`python benchmarks/bench.py cpu` runs each setting of `SETTINGS` in a fresh process (XLA reads
+XLA_FLAGS once, when JAX initialises), at each image size, and the seed's PyTorch step in the
+parent, in the same run. Each child also trains a tiny net for `CHECK_STEPS` steps on fixed
+data; the parent compares those losses with the first setting's (plain `lax.conv`, float32,
+jaxlib's defaults), which says which settings keep the numerics within float tolerance.
+
+A child is this file run as a script: `python benchmarks/cpu_settings.py '<json job>'`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (XLA_FLAGS, config overrides). The first is the baseline of the numerics check.
+YNN_ALL = 'individual_convolution,individual_dot,dot,eltwise,reduce'
+SETTINGS: dict[str, tuple[str, dict]] = {
+    'xla': ('', {'conv_impl': 'xla'}),
+    'auto': ('', {'conv_impl': 'auto'}),
+    'auto+no_ynn_conv': ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
+                         {'conv_impl': 'auto'}),       # main.py's default (cars_jax.runtime)
+    'auto+ynn_all': (f'--xla_cpu_experimental_ynn_fusion_type={YNN_ALL}', {'conv_impl': 'auto'}),
+    'auto+xnn_greedy': ('--xla_cpu_experimental_xnn_graph_fusion_mode='
+                        'XNN_GRAPH_FUSION_MODE_GREEDY', {'conv_impl': 'auto'}),
+    'auto+onednn': ('--xla_cpu_use_onednn=true', {'conv_impl': 'auto'}),
+    'auto+xnnpack': ('--xla_cpu_use_xnnpack=true', {'conv_impl': 'auto'}),
+    'matmul': ('', {'conv_impl': 'matmul'}),
+    'auto+bf16': ('', {'conv_impl': 'auto', 'dtype': 'bfloat16'}),
+}
+CHECK_STEPS = 20
+# Losses of a float32 setting within this of the baseline's after CHECK_STEPS steps: the same
+# numerics up to summation order. bf16 rounds every activation and is reported, not judged.
+LOSS_ATOL = 1e-3
+
+
+def child_command(job: dict) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), json.dumps(job)]
+
+
+def run_child(name: str, image_size: int, batch_size: int, steps: int, repeats: int,
+              widths: Sequence[int], stage_sizes: Sequence[int], num_classes: int,
+              timeout: float = 1800) -> dict:
+    """One setting at one size in a fresh process: its bench.run_step row (JAX only) and the
+    tiny net's losses; {'error': ...} when the process fails (e.g. a flag this jaxlib lacks)."""
+    xla_flags, overrides = SETTINGS[name]
+    job = dict(image_size=image_size, batch_size=batch_size, steps=steps, repeats=repeats,
+               widths=list(widths), stage_sizes=list(stage_sizes), num_classes=num_classes,
+               overrides=overrides)
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+    env['XLA_FLAGS'] = ' '.join(_inherited_flags() + xla_flags.split())
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)       # compile times measured, not loaded
+    try:
+        proc = subprocess.run(child_command(job), capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {'error': f'timed out after {timeout:.0f} s'}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {'error': ' | '.join(tail) or f'exit {proc.returncode}'}
+    return json.loads(lines[-1])
+
+
+def _inherited_flags() -> list[str]:
+    """This process's XLA_FLAGS without the flags the settings choose (main.py and the tests
+    add the YNNPACK one), so each child runs exactly its setting on top of the user's rest."""
+    chosen = {f.split('=')[0] for flags_, _ in SETTINGS.values() for f in flags_.split()}
+    return [f for f in os.environ.get('XLA_FLAGS', '').split() if f.split('=')[0] not in chosen]
+
+
+def check_losses(overrides: dict, steps: int = CHECK_STEPS) -> list[float]:
+    """Losses of `steps` train steps of a tiny net (16 px, widths 4, 8) on fixed data, with
+    MixUp and dropout keyed by the step index: the same program for every setting."""
+    import jax
+    import numpy as np
+
+    from benchmarks.bench import seed_config
+    from cars_jax.steps import create_train_state, make_steps
+    c = seed_config(image_size=16, batch_size=8, widths=(4, 8), stage_sizes=(1, 1),
+                    learning_rate=1e-2, **overrides)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+             'label': (np.arange(8) % 3).astype(np.int32)}
+    state = create_train_state(c, jax.random.PRNGKey(0), 3, steps)
+    train, _ = make_steps(c)
+    losses = []
+    for i in range(steps):
+        state, m = train(state, batch, jax.random.PRNGKey(i))
+        losses.append(float(m['loss']))
+    return losses
+
+
+def _child(job: dict) -> None:
+    sys.path.insert(0, ROOT)
+    import benchmarks.bench as bench
+    overrides = job['overrides']
+    base_config = bench.seed_config
+    bench.seed_config = lambda **o: base_config(**{**o, **overrides})
+    result = bench.run_step(job['image_size'], job['batch_size'], job['steps'], job['repeats'],
+                            [overrides.get('conv_impl', 'auto')], widths=job['widths'],
+                            stage_sizes=job['stage_sizes'], num_classes=job['num_classes'],
+                            use_torch=False)
+    bench.seed_config = base_config
+    row = result['rows'][0]
+    row['check_losses'] = check_losses(overrides)
+    row['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+    print(json.dumps(row))
+
+
+if __name__ == '__main__':
+    _child(json.loads(sys.argv[1]))
+
+
+def seed_conv_layers(image_size: int) -> list[tuple[str, int, int, int, int, int, int]]:
+    """(name, input side, cin, cout, kernel, stride, padding) of each distinct 3x3/7x7 conv of
+    the seed's ResNet-18 at `image_size` (the stem, then each stage's first and repeated conv)."""
+    s = (image_size + 2 * 3 - 7) // 2 + 1          # stem output
+    s = (s + 2 - 3) // 2 + 1                        # max-pool output: stage 1's side
+    layers = [('stem 7x7/2', image_size, 3, 64, 7, 2, 3), ('stage1 3x3', s, 64, 64, 3, 1, 1)]
+    cin = 64
+    for i, cout in enumerate((128, 256, 512), start=2):
+        layers.append((f'stage{i} 3x3/2', s, cin, cout, 3, 2, 1))
+        s = (s + 2 - 3) // 2 + 1
+        layers.append((f'stage{i} 3x3', s, cout, cout, 3, 1, 1))
+        cin = cout
+    return layers
+
+
+def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> list[dict]:
+    """Milliseconds (best of `repeats`) of the forward, input-gradient and weight-gradient pass
+    of each seed conv (`seed_conv_layers`), as `lax.conv` ('xla') and as im2col + matmul
+    ('matmul'), each pass jitted alone, float32, with the forward's GFLOP."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from cars_jax.model import conv_matmul, conv_output_size, conv_xla
+
+    def best_ms(fn, *args) -> float:
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t)
+        return 1e3 * min(times)
+
+    rows = []
+    for name, side, cin, cout, k, stride, pad in seed_conv_layers(image_size):
+        out = conv_output_size(side, k, stride, pad)
+        x = jnp.ones((batch_size, side, side, cin), jnp.float32)
+        w = jnp.full((k, k, cin, cout), 0.01, jnp.float32)
+        g = jnp.ones((batch_size, out, out, cout), jnp.float32)
+        row = {'layer': name, 'input': side, 'output': out, 'cin': cin, 'cout': cout,
+               'gflop': 2 * batch_size * out * out * k * k * cin * cout / 1e9}
+        for form, conv in (('xla', conv_xla), ('matmul', conv_matmul)):
+            f = lambda x, w, conv=conv: conv(x, w, stride, pad)     # noqa: E731
+            row[f'{form}_forward_ms'] = best_ms(f, x, w)
+            row[f'{form}_input_grad_ms'] = best_ms(
+                lambda x, w, g, f=f: jax.vjp(lambda x: f(x, w), x)[1](g)[0], x, w, g)
+            row[f'{form}_weight_grad_ms'] = best_ms(
+                lambda x, w, g, f=f: jax.vjp(lambda w: f(x, w), w)[1](g)[0], x, w, g)
+        rows.append(row)
+    return rows
