@@ -143,7 +143,9 @@ CONFIG_FORMAT = 2
 _ADDED_AFTER = {
     1: {'early_stopping_metric': 'val_loss', 'stem_pool': True, 'zero_init_last_bn': False,
         'ema_decay': 0.0, 'cutmix_alpha': 0.0, 'cutmix_share': 0.5, 'tensorboard': True,
-        'drop_last_batch': True, 'loss': 'cross_entropy', 'cosine_ce_weight': 0.1},
+        'drop_last_batch': True, 'loss': 'cross_entropy', 'cosine_ce_weight': 0.1,
+        'optimizer': 'adamw', 'momentum': 0.9, 'eval_flip_tta': False,
+        'wd_exclude_bn_bias': False},
 }
 
 

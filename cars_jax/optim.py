@@ -39,9 +39,9 @@ def make_optimizer(config, steps_per_epoch: int
     """(optimizer, lr schedule) from the config's optimisation fields.
 
     The schedule spans `config.num_epochs * steps_per_epoch` optimizer steps (one-cycle,
-    stepped per batch). `getattr(config, 'optimizer', 'adamw')`:
+    stepped per batch). `config.optimizer`:
       * 'adamw': `optax.adamw(schedule, adam_b1, adam_b2, adam_eps, weight_decay, mask)`.
-      * 'sgd': Nesterov momentum (`getattr(config, 'momentum', 0.9)`) with decoupled weight
+      * 'sgd': Nesterov momentum (`config.momentum`) with decoupled weight
         decay: `trace(momentum, nesterov) -> add_decayed_weights(wd, mask) ->
         scale_by_learning_rate(schedule)`, i.e. `optax.sgd(schedule, momentum, nesterov=True)`
         with `lr_t * wd * p` added after the momentum (SGDW; the decay does not enter the
@@ -58,14 +58,14 @@ def make_optimizer(config, steps_per_epoch: int
         div_factor=float(config.div_factor),
         final_div_factor=float(config.final_div_factor))
     mask = weight_decay_mask if config.wd_exclude_bn_bias else None
-    name = getattr(config, 'optimizer', 'adamw')
+    name = config.optimizer
     wd = float(config.weight_decay)
     if name == 'adamw':
         tx = optax.adamw(schedule, b1=float(config.adam_b1), b2=float(config.adam_b2),
                          eps=float(config.adam_eps), weight_decay=wd, mask=mask)
     elif name == 'sgd':
         tx = optax.chain(
-            optax.trace(decay=float(getattr(config, 'momentum', 0.9)), nesterov=True),
+            optax.trace(decay=float(config.momentum), nesterov=True),
             optax.add_decayed_weights(wd, mask),
             optax.scale_by_learning_rate(schedule))
     else:

@@ -222,7 +222,7 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     else:
         train_fn = lambda s, b, r: train_step_cached(s, b, r, aug=device_aug, **kw)
     eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing,
-                                     flip_tta=bool(config.get('eval_flip_tta', False)),
+                                     flip_tta=bool(config.eval_flip_tta),
                                      loss=str(config.loss),
                                      cosine_ce_weight=float(config.cosine_ce_weight))
     if mesh is None or mesh.size == 1:
