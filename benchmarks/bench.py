@@ -271,11 +271,11 @@ def seed_config(**overrides):
 def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
              impls: list[str], *, widths: Sequence[int] = SEED_WIDTHS,
              stage_sizes: Sequence[int] = SEED_STAGES, num_classes: int = 196,
-             use_torch: bool = True) -> dict:
+             use_torch: bool = True, config_overrides: dict | None = None) -> dict:
     """Images/s of the jitted train step and eval step of the seed's network (ResNet-18,
     196 classes, AdamW + one-cycle, MixUp, LS-CE) per conv implementation; compile separate.
     With torch: the same network and step in eager PyTorch on all cores, the 'vs PyTorch'
-    baseline."""
+    baseline. `config_overrides`: other config fields (e.g. dtype) for every JAX row."""
     import jax
     import numpy as np
 
@@ -286,7 +286,8 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
              'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
     arch = dict(widths=tuple(widths), stage_sizes=tuple(stage_sizes))
     for impl in impls:
-        c = seed_config(image_size=image_size, batch_size=batch_size, conv_impl=impl, **arch)
+        c = seed_config(image_size=image_size, batch_size=batch_size, conv_impl=impl, **arch,
+                        **(config_overrides or {}))
         state = create_train_state(c, jax.random.PRNGKey(0), num_classes, 100)
         train, evaluate = make_steps(c)
         t = time.perf_counter()

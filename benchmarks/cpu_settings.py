@@ -99,34 +99,28 @@ def check_losses(overrides: dict, steps: int = CHECK_STEPS) -> list[float]:
 def _child(job: dict) -> None:
     sys.path.insert(0, ROOT)
     import benchmarks.bench as bench
-    overrides = job['overrides']
-    base_config = bench.seed_config
-    bench.seed_config = lambda **o: base_config(**{**o, **overrides})
+    overrides = dict(job['overrides'])
+    impl = overrides.pop('conv_impl', 'auto')
     result = bench.run_step(job['image_size'], job['batch_size'], job['steps'], job['repeats'],
-                            [overrides.get('conv_impl', 'auto')], widths=job['widths'],
-                            stage_sizes=job['stage_sizes'], num_classes=job['num_classes'],
-                            use_torch=False)
-    bench.seed_config = base_config
+                            [impl], widths=job['widths'], stage_sizes=job['stage_sizes'],
+                            num_classes=job['num_classes'], use_torch=False,
+                            config_overrides=overrides)
     row = result['rows'][0]
-    row['check_losses'] = check_losses(overrides)
+    row['check_losses'] = check_losses(job['overrides'])
     row['xla_flags'] = os.environ.get('XLA_FLAGS', '')
     print(json.dumps(row))
-
-
-if __name__ == '__main__':
-    _child(json.loads(sys.argv[1]))
 
 
 def seed_conv_layers(image_size: int) -> list[tuple[str, int, int, int, int, int, int]]:
     """(name, input side, cin, cout, kernel, stride, padding) of each distinct 3x3/7x7 conv of
     the seed's ResNet-18 at `image_size` (the stem, then each stage's first and repeated conv)."""
-    s = (image_size + 2 * 3 - 7) // 2 + 1          # stem output
-    s = (s + 2 - 3) // 2 + 1                        # max-pool output: stage 1's side
+    from cars_jax.model import conv_output_size
+    s = conv_output_size(conv_output_size(image_size, 7, 2, 3), 3, 2, 1)   # stem, max-pool
     layers = [('stem 7x7/2', image_size, 3, 64, 7, 2, 3), ('stage1 3x3', s, 64, 64, 3, 1, 1)]
     cin = 64
     for i, cout in enumerate((128, 256, 512), start=2):
         layers.append((f'stage{i} 3x3/2', s, cin, cout, 3, 2, 1))
-        s = (s + 2 - 3) // 2 + 1
+        s = conv_output_size(s, 3, 2, 1)
         layers.append((f'stage{i} 3x3', s, cout, cout, 3, 1, 1))
         cin = cout
     return layers
@@ -170,3 +164,7 @@ def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> 
                 lambda x, w, g, f=f: jax.vjp(lambda w: f(x, w), w)[1](g)[0], x, w, g)
         rows.append(row)
     return rows
+
+
+if __name__ == '__main__':
+    _child(json.loads(sys.argv[1]))
