@@ -149,7 +149,12 @@ def test_the_switch_is_validated():
     assert c.tensorboard is True                   # configs/base.py: on by default
     fields = json.loads(c.to_json())
     fields.pop('tensorboard')
-    validate_config(ml_collections.ConfigDict(fields))   # a run saved before the switch existed
+    with pytest.raises(ConfigError, match="no field 'tensorboard'"):
+        validate_config(ml_collections.ConfigDict(fields))
+    from cars_jax.config import migrate_run_config    # a run saved before the switch existed
+    old = ml_collections.ConfigDict(migrate_run_config(fields))
+    validate_config(old)
+    assert old.tensorboard is True
     with pytest.raises(ConfigError, match='--config.tensorboard'):
         validate_config(ml_collections.ConfigDict(dict(fields, tensorboard=1)))
 
