@@ -16,6 +16,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from cars_jax import runtime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (XLA_FLAGS, config overrides). The first is the baseline of the numerics check.
@@ -23,8 +25,8 @@ YNN_ALL = 'individual_convolution,individual_dot,dot,eltwise,reduce'
 SETTINGS: dict[str, tuple[str, dict]] = {
     'xla': ('', {'conv_impl': 'xla'}),
     'auto': ('', {'conv_impl': 'auto'}),
-    'auto+no_ynn_conv': ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
-                         {'conv_impl': 'auto'}),       # main.py's default (cars_jax.runtime)
+    'auto+no_ynn_conv': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES}',
+                         {'conv_impl': 'auto'}),       # main.py's default, by construction
     'auto+ynn_all': (f'--xla_cpu_experimental_ynn_fusion_type={YNN_ALL}', {'conv_impl': 'auto'}),
     'auto+xnn_greedy': ('--xla_cpu_experimental_xnn_graph_fusion_mode='
                         'XNN_GRAPH_FUSION_MODE_GREEDY', {'conv_impl': 'auto'}),

@@ -5,13 +5,13 @@ XLA:CPU library fusions. jaxlib >= 0.10 hands single convolutions to the YNNPACK
 default (`--xla_cpu_experimental_ynn_fusion_type`), whose weight-gradient convolutions ran 2-3x
 slower than XLA's own (Eigen) convolution on a 2-core Intel Xeon. Removing that one fusion
 type (`-individual_convolution`; dots, elementwise ops and reductions stay with YNNPACK) made
-the seed's train step 1.2x (64 px) to 1.5x (128 px) faster and its eval step 1.25x, with the
-same losses over 20 steps as plain `lax.conv` to 1e-7 (BENCHMARKS.md, `python
+the seed's train step 1.2x (64 px), 1.5x (128 px) and 1.7x (224 px) faster and its eval step
+1.15-1.35x, with the same losses over 20 steps as plain `lax.conv` to 1e-7 (BENCHMARKS.md, `python
 benchmarks/bench.py cpu`). The flag is added to XLA_FLAGS unless the user's own XLA_FLAGS
 already sets it; it only concerns the CPU backend.
 
-Compilation cache. The seed's train step takes 10-30 s to compile on a CPU (more with the decode-once cache path
-or several shapes); with the cache on disk, a resumed or repeated run with the same config,
+Compilation cache. The seed's train step takes 10-30 s to compile on a CPU (more with the
+decode-once cache path or several shapes); with the cache on disk, a resumed or repeated run with the same config,
 jax version and machine loads the compiled step instead (measured in BENCHMARKS.md). JAX keys
 each entry by the program, the compile options (XLA_FLAGS included), the backend and the jax
 version, so a stale entry is never used: a change makes a new one.
