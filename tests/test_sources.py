@@ -583,3 +583,16 @@ def test_build_data_reports_skipped_files_without_a_log_prefix(bad_tree, caplog)
         data = build_data(config)
     assert len(data.skipped) == 3
     assert not [r for r in caplog.records if 'Skipped' in r.getMessage()], caplog.text
+
+
+def test_data_bundle_describes_each_split_in_words():
+    """The run's first log line says what each split is, with or without a test split."""
+    from cars_jax.data.dataset import DataBundle
+    rec = [Record('a.jpg', 0)]
+    bundle = lambda test, val_is_test=False: DataBundle(rec * 8, rec * 2, test, ['a'], [], [],
+                                                        val_is_test)
+    assert bundle([]).describe() == ('8 train / 2 val images (held out of train), '
+                                     'no test split')
+    assert bundle(rec * 3).describe() == '8 train / 2 val (held out of train) / 3 test images'
+    assert bundle(rec * 2, True).describe() == ('8 train / 2 val images (validation = the '
+                                                'test split)')

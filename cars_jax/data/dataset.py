@@ -33,8 +33,11 @@ class DataBundle:
         if self.val_is_test:
             return (f'{len(self.train)} train / {len(self.val)} val images (validation = the '
                     'test split)')
-        test = f'{len(self.test)} test images' if len(self.test) else 'images, no test split'
-        return f'{len(self.train)} train / {len(self.val)} val (held out of train) / {test}'
+        if not len(self.test):
+            return (f'{len(self.train)} train / {len(self.val)} val images (held out of train), '
+                    'no test split')
+        return (f'{len(self.train)} train / {len(self.val)} val (held out of train) / '
+                f'{len(self.test)} test images')
 
 
 class _Subset(Sequence):
