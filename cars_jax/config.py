@@ -25,9 +25,11 @@ _CHOICES = {
     'early_stopping_metric': ('val_loss', 'val_accuracy'),
     'loss': ('cross_entropy', 'cosine'),
 }
-_POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps')
+_POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps',
+                 'progressive_multiple')
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
-                     'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size')
+                     'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size',
+                     'progressive_min_size', 'progressive_start_epoch', 'progressive_end_epoch')
 _POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
                        'translate', 'shear_degrees', 'mixup_alpha', 'min_delta', 'cosine_ce_weight')
@@ -112,24 +114,45 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
     if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
         _fail('std', config.std, 'mean and std need 3 values each, std > 0')
     _check_image_size(config)
+    _check_progressive(config)
 
 
 def _check_image_size(config: ml_collections.ConfigDict) -> None:
     """The last stage must see a map of at least 2x2 (see model.min_image_size)."""
-    from cars_jax.model import min_image_size   # model imports this module
-    stages, pool = len(config.stage_sizes), config.stem_pool
-    smallest = min_image_size(stages, pool)
+    stages, pool, smallest = _smallest_image_size(config)
     if config.image_size < smallest:
         _fail('image_size', config.image_size,
               f'the last stage (stage{stages}) would see a single pixel; with {stages} stages '
               f'and stem_pool={pool} the smallest is {smallest} px')
 
 
+def _smallest_image_size(config: ml_collections.ConfigDict) -> tuple[int, bool, int]:
+    from cars_jax.model import min_image_size   # model imports this module
+    stages, pool = len(config.stage_sizes), config.stem_pool
+    return stages, pool, min_image_size(stages, pool)
+
+
+def _check_progressive(config: ml_collections.ConfigDict) -> None:
+    """Progressive resizing: a ramp inside the run, from a size the net can take."""
+    low = config.progressive_min_size
+    if not low:
+        return
+    smallest = _smallest_image_size(config)[2]
+    if not smallest <= low <= config.image_size:
+        _fail('progressive_min_size', low, f'must be 0 (off) or in [{smallest}, image_size='
+              f'{config.image_size}] ({smallest}: the smallest input of this net)')
+    start, end = config.progressive_start_epoch, config.progressive_end_epoch
+    if not start <= end <= config.num_epochs:
+        _fail('progressive_end_epoch', end, f'needs progressive_start_epoch ({start}) <= '
+              f'progressive_end_epoch <= num_epochs ({config.num_epochs})')
+
+
 # Fields whose change makes an existing checkpoint unusable (shapes or the data stream differ).
 _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir', 'image_size',
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
                'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay',
-               'drop_last_batch')
+               'drop_last_batch', 'progressive_min_size', 'progressive_start_epoch',
+               'progressive_end_epoch', 'progressive_multiple')
 
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
@@ -137,7 +160,7 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
 # The format of the config.json each run writes (key 'config_format'). A field added to
 # configs/base.py after a format was released raises the version, and `_ADDED_AFTER` says what
 # the runs of the older format ran with: the rest of the package reads plain fields.
-CONFIG_FORMAT = 2
+CONFIG_FORMAT = 3
 # format -> {field: value} for the fields the next format added. Format 1 is a config.json
 # without 'config_format' (drop_last_batch: those runs dropped each epoch's last partial batch).
 _ADDED_AFTER = {
@@ -146,6 +169,8 @@ _ADDED_AFTER = {
         'drop_last_batch': True, 'loss': 'cross_entropy', 'cosine_ce_weight': 0.1,
         'optimizer': 'adamw', 'momentum': 0.9, 'eval_flip_tta': False,
         'wd_exclude_bn_bias': False},
+    2: {'progressive_min_size': 0, 'progressive_start_epoch': 0, 'progressive_end_epoch': 0,
+        'progressive_multiple': 8},
 }
 
 

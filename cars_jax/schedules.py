@@ -34,6 +34,7 @@ pct_start 0.1) starts in the anneal at ~max_lr, as PyTorch's phase 2 does for pe
 (at exactly peak == 0 PyTorch divides by zero).
 """
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -76,3 +77,27 @@ def onecycle_schedule(total_steps: int, max_lr: float, pct_start: float = 0.1,
 
     return schedule
 
+
+
+def progressive_image_size(epoch: int, final_size: int, min_size: int, start_epoch: int,
+                           end_epoch: int, multiple: int = 8) -> int:
+    """The train resolution of 0-based epoch `epoch` under progressive resizing (FFCV's ResNet
+    recipes, `get_resolution`): low resolution early is cheaper per epoch and, at the end, the
+    net trains its last epochs at the size it is evaluated at.
+
+    `min_size` up to epoch `start_epoch`, `final_size` from `end_epoch` on, in between the
+    linear interpolation rounded (half to even, as np.round) to a multiple of `multiple`
+    (FFCV: 32 at 160-192 px; 8 here at 48-64 px), kept within [min_size, final_size]. Each
+    distinct size compiles the train step once.
+    """
+    if not 0 < min_size <= final_size:
+        raise ValueError(f'need 0 < min_size <= final_size, got {min_size}, {final_size}')
+    if not 0 <= start_epoch <= end_epoch:
+        raise ValueError(f'need 0 <= start_epoch <= end_epoch, got {start_epoch}, {end_epoch}')
+    if epoch <= start_epoch:
+        return int(min_size)
+    if epoch >= end_epoch:
+        return int(final_size)
+    share = (epoch - start_epoch) / (end_epoch - start_epoch)
+    size = int(np.round((min_size + share * (final_size - min_size)) / multiple)) * multiple
+    return int(min(max(size, min_size), final_size))

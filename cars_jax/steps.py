@@ -6,6 +6,7 @@ MixUp lambda, AdamW under the one-cycle schedule. No globals, no I/O: wrap it in
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -220,18 +221,24 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     if device_aug is None:
         train_fn = lambda s, b, r: train_step(s, b, r, **kw)
     else:
-        train_fn = lambda s, b, r: train_step_cached(s, b, r, aug=device_aug, **kw)
+        # image_size (static): the output size of this call's augmentation, when it is not
+        # device_aug's (progressive resizing); each size compiles once.
+        def train_fn(s, b, r, image_size=None):
+            aug = device_aug if image_size in (None, device_aug.image_size) else \
+                dataclasses.replace(device_aug, image_size=image_size)
+            return train_step_cached(s, b, r, aug=aug, **kw)
     eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing,
                                      flip_tta=bool(config.eval_flip_tta),
                                      loss=str(config.loss),
                                      cosine_ce_weight=float(config.cosine_ce_weight))
+    static = {} if device_aug is None else {'static_argnames': ('image_size',)}
     if mesh is None or mesh.size == 1:
-        return jax.jit(train_fn, donate_argnums=(0,)), jax.jit(eval_fn)
+        return jax.jit(train_fn, donate_argnums=(0,), **static), jax.jit(eval_fn)
     if config.batch_size % mesh.size:
         raise ValueError(f'--config.batch_size={config.batch_size} must be divisible by the '
                          f'{mesh.size} devices of the data-parallel mesh.')
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     train = jax.jit(train_fn, in_shardings=(replicated, split, replicated),
-                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+                    out_shardings=(replicated, replicated), donate_argnums=(0,), **static)
     evaluate = jax.jit(eval_fn, in_shardings=(replicated, split), out_shardings=replicated)
     return train, evaluate

@@ -45,6 +45,7 @@ from cars_jax.evaluate import evaluate, full_report
 from cars_jax.fileio import atomic_write_text, write_json_atomic
 from cars_jax.mixup import mixing_mode
 from cars_jax.plots import plot_curves
+from cars_jax.schedules import progressive_image_size
 from cars_jax.tensorboard import open_run_writer
 from cars_jax.data.cache import build_cache, cache_size_for
 from cars_jax.distributed import global_batch, host_local, replicate
@@ -256,7 +257,13 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
     mid-epoch). Returns the state, the epoch's meter and whether a stop was asked for."""
     config, epoch, steps_per_epoch = run.config, progress.epoch, run.steps_per_epoch
     step_keys = ('image', 'orig_hw', 'label') if run.cache is not None else ('image', 'label')
-    it = pipeline.iterate(_epoch_dataset(run, epoch), progress.iterator)
+    size = train_image_size(config, epoch)
+    if config.progressive_min_size and (epoch == 0 or train_image_size(config, epoch - 1) != size):
+        run.log(f'  from epoch {epoch + 1} the train images are {size} px (progressive '
+                f'resizing; validation at {config.image_size} px)')
+    # The device path augments inside the step: its output size is a static argument there.
+    size_kw = {'image_size': size} if run.cache is not None and size != config.image_size else {}
+    it = pipeline.iterate(_epoch_dataset(run, epoch, size), progress.iterator)
     meter = EpochMeter(progress.epoch_sums)
     t_epoch, compiled_before = time.time(), run.train_fn.seconds
     step_in_epoch = _step(state) - epoch * steps_per_epoch
@@ -270,7 +277,7 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
         rng = jax.random.fold_in(run.base_rng, step)
         step_batch = {k: batch[k] for k in step_keys}
         state, m = run.train_fn(state, global_batch(step_batch, run.mesh) if run.multi
-                                else step_batch, rng)
+                                else step_batch, rng, **size_kw)
         m = host_local(m)
         if not m['finite']:
             raise TrainingError(_nonfinite_message(step, epoch, batch, run.data.train, m,
@@ -299,9 +306,19 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
     return state, meter, stopped
 
 
-def _epoch_dataset(run: _Run, epoch: int):
-    """Epoch `epoch`'s batches: from the decode-once cache, or decoded and augmented on the
-    host."""
+def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
+    """The train resolution of 0-based epoch `epoch`: image_size, or the progressive-resizing
+    ramp's size when config.progressive_min_size is set."""
+    if not config.progressive_min_size:
+        return int(config.image_size)
+    return progressive_image_size(epoch, config.image_size, config.progressive_min_size,
+                                  config.progressive_start_epoch, config.progressive_end_epoch,
+                                  config.progressive_multiple)
+
+
+def _epoch_dataset(run: _Run, epoch: int, size: int):
+    """Epoch `epoch`'s batches (train images of `size` px): from the decode-once cache, or
+    decoded and augmented on the host."""
     config, shard = run.config, (jax.process_index(), jax.process_count())
     drop_last, devices = config.drop_last_batch, _num_devices(run.mesh)
     if run.cache is not None:
@@ -310,8 +327,9 @@ def _epoch_dataset(run: _Run, epoch: int):
             epoch=epoch, batch_size=config.batch_size, weighted=config.weighted_sampling,
             max_steps=config.max_steps_per_epoch, drop_last=drop_last, num_devices=devices,
             prefetch=config.prefetch_batches, shard=shard)
+    aug = run.aug if size == run.aug.image_size else dataclasses.replace(run.aug, image_size=size)
     return pipeline.train_epoch_dataset(
-        run.data.train, run.data.train_labels, run.aug, seed=config.seed, epoch=epoch,
+        run.data.train, run.data.train_labels, aug, seed=config.seed, epoch=epoch,
         batch_size=config.batch_size, weighted=config.weighted_sampling,
         use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
         max_steps=config.max_steps_per_epoch, drop_last=drop_last, num_devices=devices,
@@ -547,12 +565,13 @@ class _FirstCallTimer:
     def __init__(self, fn: Any):
         self.fn, self.seconds, self.shapes = fn, 0.0, set()
 
-    def __call__(self, state: Any, batch: dict, *args: Any) -> Any:
-        shape = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
+    def __call__(self, state: Any, batch: dict, *args: Any, **static: Any) -> Any:
+        shape = (tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items())),
+                 tuple(sorted(static.items())))
         if shape in self.shapes:
-            return self.fn(state, batch, *args)
+            return self.fn(state, batch, *args, **static)
         t = time.time()
-        out = self.fn(state, batch, *args)
+        out = self.fn(state, batch, *args, **static)
         self.seconds += time.time() - t
         self.shapes.add(shape)
         return out

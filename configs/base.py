@@ -51,6 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.erasing_value = 0.0
     c.eval_resize = 'squash'       # eval: 'squash' to image_size^2 (seed) | 'center_crop'
     c.eval_flip_tta = False        # validation/test score = mean logits of image + mirror (not the seed)
+    # Progressive resizing (not the seed; FFCV's ResNet recipes): train at progressive_min_size
+    # px up to epoch progressive_start_epoch (0-based), then linearly (in multiples of
+    # progressive_multiple px) up to image_size from epoch progressive_end_epoch on; validation,
+    # test and serving always at image_size. Early epochs cost (min/size)^2 of the FLOPs.
+    c.progressive_min_size = 0     # 0: off, every epoch at image_size
+    c.progressive_start_epoch = 0
+    c.progressive_end_epoch = 0
+    c.progressive_multiple = 8
 
     # ---- model: the seed's VehicleResNet = ResNet-18 topology + Dropout(0.5) -----------------
     c.stage_sizes = (2, 2, 2, 2)

@@ -130,15 +130,22 @@ def test_cached_step_is_the_plain_step_on_the_device_augmented_batch():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
-def test_training_with_augment_on_device_resumes_on_the_same_trajectory(tmp_path):
+@pytest.mark.parametrize('overrides', [{}, {'progressive_min_size': 8,
+                                             'progressive_end_epoch': 1}])
+def test_training_with_augment_on_device_resumes_on_the_same_trajectory(tmp_path, overrides):
     """The whole loop on the device path: cache built once beside the data, the log says so,
-    and a stop + resume gives the straight run's weights bit for bit."""
+    and a stop + resume gives the straight run's weights bit for bit (also with progressive
+    resizing: the step's output size is a static argument there)."""
     from cars_jax.train import train_and_evaluate
     data_dir = make_colour_folders(tmp_path / 'cars')
-    c = run_config(data_dir, augment_on='device')
+    c = run_config(data_dir, augment_on='device', **overrides)
     straight = tmp_path / 'straight'
     train_and_evaluate(c, str(straight), quiet=True)
-    assert 'augmentation on the device' in open(straight / 'log.txt').read()
+    log = open(straight / 'log.txt').read()
+    assert 'augmentation on the device' in log
+    if overrides:
+        assert 'from epoch 1 the train images are 8 px' in log
+        assert 'from epoch 2 the train images are 16 px' in log
     assert [n for n in os.listdir(data_dir / '.cars_jax_cache') if n.endswith('.npy')]
     split = tmp_path / 'split'
     assert train_and_evaluate(c, str(split), stop_after_steps=4, quiet=True)['interrupted']

@@ -64,6 +64,7 @@ def test_fast_wide_is_the_measured_10_epoch_run():
     ('rrc_scale', (1.0, 0.5)), ('blur_kernel', 4), ('stage_sizes', (2, 2)), ('widths', (8, 0, 8, 8)), ('val_split', 'x'),
     ('learning_rate', float('nan')), ('early_stopping_metric', 'val_top5'),
     ('cutmix_alpha', -1.0), ('cutmix_alpha', float('inf')), ('cutmix_share', 1.5),
+    ('progressive_min_size', -8), ('progressive_multiple', 0),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f'--config.{field}'):
@@ -168,3 +169,28 @@ def test_image_size_below_the_nets_minimum_is_an_error_naming_it(stages, stem_po
         with pytest.raises(ConfigError, match=rf'--config.image_size={too_small} .*smallest is '
                                               rf'{smallest} px'):
             validate_config(_cfg(image_size=too_small, **kw))
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'progressive_min_size': 4}, 'progressive_min_size'),          # below the net's 5 px
+    ({'progressive_min_size': 24}, 'progressive_min_size'),         # above image_size 16
+    ({'progressive_min_size': 8, 'progressive_start_epoch': 2, 'progressive_end_epoch': 1},
+     'progressive_end_epoch'),
+    ({'progressive_min_size': 8, 'progressive_end_epoch': 3}, 'progressive_end_epoch'),  # > 2 epochs
+])
+def test_a_progressive_ramp_outside_the_net_or_the_run_names_the_field(overrides, field):
+    from fixtures import tiny_config
+    with pytest.raises(ConfigError, match=f'--config.{field}='):
+        validate_config(tiny_config(**overrides))
+    validate_config(tiny_config(progressive_min_size=8, progressive_end_epoch=2))
+
+
+def test_a_format_2_run_resumes_without_progressive_resizing():
+    """Format 2 (before progressive resizing) ran every epoch at image_size."""
+    import json
+    saved = {'config_format': 2, **json.loads(demo.get_config().to_json())}
+    for k in [k for k in saved if k.startswith('progressive_')]:
+        del saved[k]
+    assert incompatible_fields(saved, _cfg()) == []
+    assert incompatible_fields(saved, _cfg(progressive_min_size=32)) == [
+        'progressive_min_size: checkpoint has 0, now 32']

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from cars_jax.schedules import onecycle_schedule
+from cars_jax.schedules import onecycle_schedule, progressive_image_size
 
 SEED_STEPS_PER_EPOCH = 255          # ceil(8144 / 32)
 SEED_TOTAL = 70 * SEED_STEPS_PER_EPOCH
@@ -143,3 +143,38 @@ def test_the_runs_one_cycle_peaks_where_torchs_does_for_the_seeds_8144_images():
     assert int(np.argmax(ours)) == int(np.argmax(torch_lr)) == int(0.1 * 17850 - 1) == 1784
     # float32: as in test_seed_schedule_all_steps_and_is_optax_own (3.1e-3 at the tail)
     np.testing.assert_allclose(ours, torch_lr, rtol=5e-3)
+
+
+def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp, multiple=32):
+    """FFCV's examples/imagenet `get_resolution` (its 32 made a parameter)."""
+    assert min_res <= max_res
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    interp = np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])
+    return int(np.round(interp[0] / multiple)) * multiple
+
+
+@pytest.mark.parametrize('epochs,low,high,start,end,multiple', [
+    (88, 160, 192, 65, 76, 32),     # FFCV's rn50 88-epoch config
+    (40, 160, 192, 29, 34, 32),     # FFCV's rn18 40-epoch config
+    (30, 48, 64, 10, 24, 8),        # 64 px here
+    (30, 32, 64, 0, 30, 8),
+])
+def test_progressive_size_is_ffcvs_ramp(epochs, low, high, start, end, multiple):
+    ours = [progressive_image_size(e, high, low, start, end, multiple) for e in range(epochs)]
+    assert ours == [ffcv_get_resolution(e, low, high, end, start, multiple) for e in range(epochs)]
+
+
+def test_progressive_size_by_hand():
+    """48 -> 64 px over epochs 10..20 in steps of 8: 48 + 1.6 (e - 10), rounded to /8."""
+    sizes = [progressive_image_size(e, 64, 48, 10, 20, 8) for e in range(22)]
+    assert sizes == [48] * 13 + [56] * 5 + [64] * 4   # 51.2 -> 48, 52.8 -> 56, 60.8 -> 64
+    # rounding below a min_size that is not a multiple stays at min_size: 51.4 / 16 -> 48 -> 50
+    assert progressive_image_size(1, 64, 50, 0, 10, 16) == 50
+    assert progressive_image_size(3, 64, 64, 0, 10) == 64           # no ramp: always final
+    with pytest.raises(ValueError):
+        progressive_image_size(0, 64, 80, 0, 10)
+    with pytest.raises(ValueError):
+        progressive_image_size(0, 64, 48, 10, 5)

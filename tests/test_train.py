@@ -42,6 +42,9 @@ def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
     # 20 images at batch 8: batches of 8, 8, 4; stopped just before an epoch's partial batch
     (2, {'batch_size': 8, 'max_steps_per_epoch': 0}),
     (5, {'batch_size': 8, 'max_steps_per_epoch': 0}),
+    # progressive resizing: epoch 1 at 8 px, epoch 2 at 16; stopped in each
+    (2, {'progressive_min_size': 8, 'progressive_end_epoch': 1}),
+    (4, {'progressive_min_size': 8, 'progressive_end_epoch': 1}),
 ])
 def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at, overrides):
     c = run_config(data_dir, **overrides)
@@ -340,3 +343,26 @@ def test_the_epoch_means_weigh_a_partial_batch_by_its_images():
     assert out['train_accuracy'] == pytest.approx((4 + 2 + 4) / 20)
     assert out['mixup_share'] == pytest.approx(8 / 20)
     assert out['train_accuracy_unmixed'] == pytest.approx((4 + 4) / 12)
+
+
+def test_progressive_resizing_feeds_each_epoch_its_size(data_dir, tmp_path, monkeypatch):
+    """3 epochs ramping 8 -> 16 px in steps of 4 over epochs 0..2: 8, 12, 16 px train images
+    (validation at 16), said in the log when the size changes."""
+    from cars_jax.data import pipeline
+    seen, real = [], pipeline.train_epoch_dataset
+
+    def spy(records, labels, aug, **kw):
+        seen.append((kw['epoch'], aug.image_size))
+        first = next(iter(real(records, labels, aug, **kw)))
+        assert first['image'].shape[1:3] == (aug.image_size, aug.image_size)
+        return real(records, labels, aug, **kw)
+
+    monkeypatch.setattr(pipeline, 'train_epoch_dataset', spy)
+    c = run_config(data_dir, num_epochs=3, progressive_min_size=8, progressive_end_epoch=2,
+                   progressive_multiple=4)
+    report = train_and_evaluate(c, str(tmp_path), quiet=True)
+    assert seen == [(0, 8), (1, 12), (2, 16)]
+    log = _log(tmp_path)
+    for epoch, size in ((1, 8), (2, 12), (3, 16)):
+        assert f'from epoch {epoch} the train images are {size} px' in log
+    assert report['val']['count'] == 9
