@@ -4,6 +4,8 @@
   python main.py --config=configs/base.py --config.data_dir=/data/stanford_cars --workdir=runs/seed
   python main.py --config=configs/base.py --config.batch_size=64 ...   # any field overridden
   python main.py --mode=eval --workdir=runs/seed                # reports of the best checkpoint
+  python main.py --mode=pretrain --config=configs/pretrain.py ... --workdir=runs/simclr
+  python main.py --config=configs/fast30.py --config.pretrained_backbone=runs/simclr ...
   python main.py --mode=gradcam --workdir=runs/seed [--images=DIR] [--layer=stage3]
   python main.py --mode=predict --workdir=runs/seed --images=photo.jpg [--tta] [--top_k=5]
   python main.py --mode=export --workdir=runs/seed              # jax.export serving artifact
@@ -32,8 +34,10 @@ config_flags.DEFINE_config_file('config', None, 'Config file (hyperparameters), 
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs, plots). '
                     'Default: runs/<config file name>.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'gradcam', 'predict', 'export'],
-                  'train: train or resume; eval: reports of the best checkpoint of --workdir; '
+flags.DEFINE_enum('mode', 'train', ['train', 'pretrain', 'eval', 'gradcam', 'predict', 'export'],
+                  'train: train or resume; pretrain: self-supervised (SimCLR) pretraining on the '
+                  'train images, for --config.pretrained_backbone of a later run; '
+                  'eval: reports of the best checkpoint of --workdir; '
                   'gradcam: Grad-CAM grid (--images or one validation image per class); '
                   'predict: top-k classes of --images; export: a jax.export serving artifact.')
 flags.DEFINE_string('init_from', None, 'eval/gradcam/predict/export: use the seed notebook\'s '
@@ -86,6 +90,12 @@ def run(argv) -> int:
         logging.get_absl_handler().addFilter(console.MuteOnDiskFull(logging.get_absl_handler()))
     config = FLAGS.config
     workdir = FLAGS.workdir or _default_workdir()
+    if FLAGS.mode == 'pretrain':
+        from cars_jax import pretrain
+        summary = pretrain.pretrain(config, workdir)
+        if not summary.get('interrupted'):
+            console.console(f'Done. Pretrained backbone in {workdir}/')
+        return 0
     if FLAGS.mode == 'train':
         report = train.train_and_evaluate(config, workdir)
         if not report.get('interrupted') and _process_index() == 0:

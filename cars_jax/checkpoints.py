@@ -31,23 +31,32 @@ def checkpoint_managers(workdir: str, best_metric: str = 'val_loss'
     # Multi-process: both managers save the same step at the end of an epoch, and Orbax's
     # cross-process barriers are named by step; a prefix per manager keeps them apart.
     mp = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-    # Handlers named up front so `item_metadata` can read a checkpoint's tree in a fresh process
-    # (restore_checkpoint matches fields against it).
-    handlers = lambda: {'state': ocp.StandardCheckpointHandler(),
-                        'meta': ocp.JsonCheckpointHandler()}
-    latest = ocp.CheckpointManager(
-        os.path.join(root, 'latest'), item_handlers=handlers(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, cleanup_tmp_directories=True,
-            multiprocessing_options=mp('latest')))
+    latest = latest_manager(workdir)
     best = ocp.CheckpointManager(
-        os.path.join(root, 'best'), item_handlers=handlers(),
+        os.path.join(root, 'best'), item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[best_metric],
             best_mode='min' if best_metric == 'val_loss' else 'max',
             keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True,
             multiprocessing_options=mp('best')))
     return latest, best
+
+
+def latest_manager(workdir: str) -> ocp.CheckpointManager:
+    """workdir/checkpoints/latest: the 2 newest checkpoints, to resume from."""
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints', 'latest'),
+        item_handlers=_handlers(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix='latest')))
+
+
+def _handlers() -> dict:
+    # Named up front so `item_metadata` can read a checkpoint's tree in a fresh process
+    # (restore_checkpoint matches fields against it).
+    return {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
 
 
 def save_checkpoint(mgr: ocp.CheckpointManager, state: TrainState, meta: dict, metrics: dict | None = None,

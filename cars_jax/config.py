@@ -26,11 +26,11 @@ _CHOICES = {
     'loss': ('cross_entropy', 'cosine'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps',
-                 'progressive_multiple')
+                 'progressive_multiple', 'ssl_projection_dim')
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
                      'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size',
                      'progressive_min_size', 'progressive_start_epoch', 'progressive_end_epoch')
-_POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps')
+_POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps', 'ssl_temperature')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
                        'translate', 'shear_degrees', 'mixup_alpha', 'min_delta', 'cosine_ce_weight')
 _PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2',
@@ -115,6 +115,9 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
         _fail('std', config.std, 'mean and std need 3 values each, std > 0')
     _check_image_size(config)
     _check_progressive(config)
+    if not isinstance(config.pretrained_backbone, str):
+        _fail('pretrained_backbone', config.pretrained_backbone,
+              "must be the workdir of a --mode=pretrain run, or '' (none)")
 
 
 def _check_image_size(config: ml_collections.ConfigDict) -> None:
@@ -152,7 +155,8 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'batch_size', 'num_epochs', 'seed', 'val_split', 'val_fraction', 'weighted_sampling',
                'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay',
                'drop_last_batch', 'progressive_min_size', 'progressive_start_epoch',
-               'progressive_end_epoch', 'progressive_multiple')
+               'progressive_end_epoch', 'progressive_multiple', 'pretrained_backbone',
+               'ssl_temperature', 'ssl_projection_dim')
 
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
@@ -170,7 +174,8 @@ _ADDED_AFTER = {
         'optimizer': 'adamw', 'momentum': 0.9, 'eval_flip_tta': False,
         'wd_exclude_bn_bias': False},
     2: {'progressive_min_size': 0, 'progressive_start_epoch': 0, 'progressive_end_epoch': 0,
-        'progressive_multiple': 8},
+        'progressive_multiple': 8, 'pretrained_backbone': '', 'ssl_temperature': 0.2,
+        'ssl_projection_dim': 128},
 }
 
 

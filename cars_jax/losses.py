@@ -1,5 +1,5 @@
-"""Label-smoothed cross-entropy (PyTorch semantics), the cosine loss, their MixUp forms, and
-top-k hits.
+"""Label-smoothed cross-entropy (PyTorch semantics), the cosine loss, their MixUp forms,
+top-k hits, and SimCLR's contrastive loss for self-supervised pretraining.
 
 All functions are pure, jit-able and return one value per example; the caller takes the mean
 (PyTorch's `reduction='mean'` over a batch is the plain mean of these).
@@ -88,6 +88,28 @@ def mixed_loss(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Array,
     lam = jnp.asarray(lam, jnp.float32)
     cos = lam * cosine_loss(logits, labels_a) + (1.0 - lam) * cosine_loss(logits, labels_b)
     return cos + ce_weight * ce if ce_weight else cos
+
+
+def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.2,
+                 eps: float = 1e-12) -> tuple[jax.Array, jax.Array]:
+    """SimCLR's contrastive loss (NT-Xent; Chen et al., ICML 2020) of two views' embeddings.
+
+    z1[i] and z2[i] are one image's two augmented views, (N, D) each. The 2N embeddings are
+    L2-normalised; each one's positive is its other view and its negatives the 2N - 2 others:
+        l(i, j) = -log( exp(s_ij / t) / sum_{k != i} exp(s_ik / t) ),  s = cosine similarity,
+    averaged over all 2N anchors. Also returns the share of anchors whose most similar other
+    embedding is their positive (a label-free progress signal). Computed in float32.
+    """
+    z = jnp.concatenate([z1, z2]).astype(jnp.float32)
+    z = z / jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps * eps))
+    n2 = z.shape[0]
+    sim = (z @ z.T) / temperature
+    sim = jnp.where(jnp.eye(n2, dtype=bool), -jnp.inf, sim)        # not itself
+    positive = (jnp.arange(n2) + n2 // 2) % n2
+    logp = jax.nn.log_softmax(sim, axis=-1)
+    loss = -jnp.mean(jnp.take_along_axis(logp, positive[:, None], axis=-1))
+    hits = jnp.mean((jnp.argmax(sim, axis=-1) == positive).astype(jnp.float32))
+    return loss, hits
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

@@ -302,7 +302,10 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 features_only: bool = False) -> jax.Array:
+        """Logits (N, num_classes); `features_only`: the pooled features (N, widths[-1])
+        before dropout and the classifier (self-supervised pretraining; no `fc` params)."""
         if self.init_scheme not in INITS:
             raise ValueError(f'init_scheme must be one of {INITS}, got {self.init_scheme!r}')
         if len(self.stage_sizes) != len(self.widths):
@@ -336,11 +339,28 @@ class ResNet(nn.Module):
             self.sow('intermediates', name, x)
 
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if features_only:
+            return x
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         bias_init = pytorch_bias_init(x.shape[-1]) if pytorch_init else nn.initializers.zeros
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=pytorch_kernel_init, bias_init=bias_init, name='fc')(x)
         return x.astype(jnp.float32)
+
+
+class ContrastiveNet(nn.Module):
+    """SimCLR's network: the ResNet's pooled features, then a projection head (Linear, ReLU,
+    Linear) whose output the contrastive loss compares. The head is thrown away after
+    pretraining; `params['backbone']` has the classifier's parameter names without `fc`."""
+    backbone: ResNet
+    hidden_dim: int = 512
+    projection_dim: int = 128
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        h = self.backbone(x, train=train, features_only=True)
+        h = nn.relu(nn.Dense(self.hidden_dim, name='proj1')(h))
+        return nn.Dense(self.projection_dim, name='proj2')(h)
 
 
 # ---- construction helpers -----------------------------------------------------------------

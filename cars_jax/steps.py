@@ -78,6 +78,16 @@ def _tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
+def keep_if_finite(new_state: TrainState, state: TrainState, loss: jax.Array,
+                   grads: Any) -> tuple[TrainState, jax.Array]:
+    """`new_state` where the loss, the gradients and the updated weights are all finite, else
+    the old `state` (step included: the caller stops), and that flag. Finite gradients can
+    still overflow in the update (a huge lr): so what would be kept is checked too."""
+    finite = (jnp.isfinite(loss) & _tree_all_finite(grads)
+              & _tree_all_finite((new_state.params, new_state.batch_stats)))
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), finite
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothing: float = 0.05,
                mixup_alpha: float = 0.4, mixup_prob: float = 0.5, cutmix_alpha: float = 0.0,
                cutmix_share: float = 0.5, loss: str = 'cross_entropy',
@@ -111,11 +121,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
         live = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
         new_state = new_state.replace(
             ema=optax.incremental_update(live, state.ema, step_size=1.0 - decay))
-    # finite gradients can still overflow in the update (a huge lr): check what would be kept
-    finite = (jnp.isfinite(value) & _tree_all_finite(grads)
-              & _tree_all_finite((new_state.params, new_state.batch_stats)))
-    # Keep the old state where anything is non-finite (step included: the caller stops).
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state, finite = keep_if_finite(new_state, state, value, grads)
     metrics = {
         'loss': value,
         'accuracy': jnp.mean(topk_correct(logits, labels_a, 1)),

@@ -45,6 +45,7 @@ from cars_jax.evaluate import evaluate, full_report
 from cars_jax.fileio import atomic_write_text, write_json_atomic
 from cars_jax.mixup import mixing_mode
 from cars_jax.plots import plot_curves
+from cars_jax.pretrain import load_pretrained_backbone
 from cars_jax.schedules import progressive_image_size
 from cars_jax.tensorboard import open_run_writer
 from cars_jax.data.cache import build_cache, cache_size_for
@@ -199,6 +200,10 @@ def _resume(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
     """The state and progress of the latest checkpoint, or `state` and a fresh Progress."""
     config, workdir, log = run.config, run.workdir, run.log
     if run.latest_mgr.latest_step() is None:
+        if config.pretrained_backbone:
+            state = load_pretrained_backbone(state, config, holdout=not run.data.val_is_test)
+            log(f'The backbone starts from the self-supervised pretraining in '
+                f'{config.pretrained_backbone} (the classifier from scratch).')
         return state, Progress()
     state, meta = _restore_resumable(run.latest_mgr, state, workdir, log)
     progress = Progress(**meta['progress'])

@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
                                    #   in every stage, 4x FLOPs (small inputs: 4x4 last maps at 64 px)
     c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)
     c.bn_eps = 1e-5
+    # Start the backbone from a self-supervised pretraining (not the seed): the workdir of a
+    # `python main.py --mode=pretrain` run on the same split (checked); the classifier starts fresh.
+    c.pretrained_backbone = ''
     c.conv_impl = 'auto'           # auto: CPU im2col+matmul on <=4x4 maps, GPU/TPU lax.conv | xla | matmul
     c.dtype = 'auto'               # auto: bfloat16 compute on GPU/TPU, float32 on CPU | float32 | bfloat16
 
@@ -103,6 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.cutmix_share = 0.5           # with both alphas > 0: share of mixed batches that use CutMix
     c.ema_decay = 0.0              # >0: evaluate, keep and serve an EMA of the weights (not the
                                    #   seed; e.g. 0.999 = a horizon of ~1000 steps)
+
+    # ---- self-supervised pretraining (--mode=pretrain: SimCLR on the train images) ------------
+    c.ssl_temperature = 0.2        # NT-Xent temperature (SimCLR: 0.1-0.5; 0.2 at small batches)
+    c.ssl_projection_dim = 128     # projection head: widths[-1] -> ReLU -> 128 (SimCLR's)
 
     # ---- early stopping and checkpoints -----------------------------------------------------
     c.early_stopping_metric = 'val_loss'   # val_loss (the seed; min) | val_accuracy (max): picks

@@ -29,7 +29,8 @@ def test_base_holds_the_seeds_values():
     assert tuple(c.stage_sizes) == (2, 2, 2, 2) and tuple(c.widths) == (64, 128, 256, 512)
 
 
-@pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide'])
+@pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide',
+                                  'pretrain'])
 def test_every_shipped_config_is_valid(name):
     c = importlib.import_module(f'configs.{name}').get_config()
     c.data_dir = c.data_dir or '/data/stanford_cars'   # base.py leaves it to the user

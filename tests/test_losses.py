@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cars_jax.losses import mixed_cross_entropy, smoothed_cross_entropy, topk_correct
+from cars_jax.losses import (mixed_cross_entropy, nt_xent_loss, smoothed_cross_entropy,
+                             topk_correct)
 
 
 def np_ls_ce(logits, labels, eps):
@@ -138,3 +139,44 @@ def test_mixed_cosine_loss_is_the_mixup_weighting_plus_the_weighted_ce(ce_weight
                                + (1 - lam) * np_ls_ce(LOGITS, b, 0.05), rtol=2e-6, atol=2e-6)
     with pytest.raises(ValueError, match='loss must be one of'):
         mixed_loss(jnp.asarray(LOGITS), jnp.asarray(LABELS), jnp.asarray(b), lam, 0.0, 'l2')
+
+
+def _simclr_numpy(z1, z2, t):
+    """The paper's loss written out (Chen et al. 2020, Algorithm 1), float64, with the views
+    interleaved as 2k-1, 2k as in the paper."""
+    z = np.empty((2 * len(z1), z1.shape[1]))
+    z[0::2], z[1::2] = z1, z2
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n2 = len(z)
+
+    def l(i, j):
+        den = sum(np.exp(z[i] @ z[k] / t) for k in range(n2) if k != i)
+        return -np.log(np.exp(z[i] @ z[j] / t) / den)
+
+    return sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n2 // 2)) / n2
+
+
+@pytest.mark.parametrize('t', [0.1, 0.5, 1.0])
+def test_nt_xent_matches_the_papers_formula(t):
+    rng = np.random.default_rng(3)
+    z1, z2 = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    loss, _ = nt_xent_loss(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), t)
+    np.testing.assert_allclose(float(loss), _simclr_numpy(z1, z2, t), rtol=2e-5)
+    # scale-free: each embedding is normalised
+    scaled, _ = nt_xent_loss(jnp.asarray(z1 * 7, jnp.float32), jnp.asarray(z2 * 0.1, jnp.float32), t)
+    np.testing.assert_allclose(float(scaled), float(loss), rtol=1e-5)
+
+
+def test_nt_xent_by_hand_and_its_hit_rate():
+    """Two images, orthogonal, each view equal to its pair: s = 1 with the positive, 0 with the
+    two negatives, so l = -log(e^(1/t) / (e^(1/t) + 2)); every anchor finds its positive."""
+    t = 0.5
+    z1 = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    loss, hits = nt_xent_loss(z1, z1 * 3, t)
+    np.testing.assert_allclose(float(loss), -np.log(np.e ** 2 / (np.e ** 2 + 2)), rtol=1e-6)
+    assert float(hits) == 1.0
+    # views swapped between the images: every anchor's nearest other is a negative
+    _, hits = nt_xent_loss(z1, z1[::-1], t)
+    assert float(hits) == 0.0
+    grads = jax.grad(lambda a: nt_xent_loss(a, jnp.zeros((2, 2)), t)[0])(z1)
+    assert np.all(np.isfinite(np.asarray(grads)))            # a zero embedding stays finite

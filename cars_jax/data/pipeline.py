@@ -71,15 +71,20 @@ class TrainMap(grain.transforms.Map):
     epoch: int
     use_bbox: bool = False
     bbox_margin: int = 0
+    two_views: bool = False   # also 'image2': a second, independent augmentation (SimCLR)
 
     def map(self, element: np.ndarray) -> dict:
         position, record = (int(v) for v in element)
         rng = np.random.default_rng([self.seed, self.epoch, 0xA06, position])
         index, image = _decode_or_substitute(self.records, record, self.use_bbox,
                                              self.bbox_margin)
-        return {'image': train_transform(image, rng, self.aug),
-                'label': np.int32(self.records[index].label),
-                'index': np.int32(index)}
+        out = {'image': train_transform(image, rng, self.aug),
+               'label': np.int32(self.records[index].label),
+               'index': np.int32(index)}
+        if self.two_views:
+            rng2 = np.random.default_rng([self.seed, self.epoch, 0xA06, position, 2])
+            out['image2'] = train_transform(image, rng2, self.aug)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +155,12 @@ def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: Augm
                         use_bbox: bool = False, bbox_margin: int = 0, max_steps: int = 0,
                         drop_last: bool = False, num_devices: int = 1,
                         num_workers: int = 0, prefetch: int = 4,
-                        shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+                        shard: tuple[int, int] = (0, 1),
+                        two_views: bool = False) -> grain.IterDataset:
     """The train batches of one epoch (`epoch_batch_sizes`: full batches and, unless
     drop_last, one last partial batch; the train step compiles once more for its shape).
-    shard=(process_index, process_count): this process's rows of each global batch."""
+    shard=(process_index, process_count): this process's rows of each global batch.
+    two_views: each image twice, independently augmented ('image', 'image2'; SimCLR)."""
     rows = _epoch_rows(len(records), batch_size, max_steps, drop_last, num_devices)
     indices = epoch_indices(labels, seed, epoch, weighted)[:rows]
     # The source is (position in the epoch, record index) rows; the map holds the records,
@@ -162,7 +169,7 @@ def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: Augm
     elements = elements[shard_rows(np.arange(len(indices)), batch_size, *shard)]
     batch_size //= shard[1]
     ds = (grain.MapDataset.source(elements)
-          .map(TrainMap(records, aug, seed, epoch, use_bbox, bbox_margin))
+          .map(TrainMap(records, aug, seed, epoch, use_bbox, bbox_margin, two_views))
           .batch(batch_size, drop_remainder=False))
     return _to_iter(ds, num_workers, prefetch)
 
