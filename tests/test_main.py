@@ -133,3 +133,22 @@ def test_cpu_xla_flags_add_the_ynn_fusions_unless_the_user_chose_or_jaxlib_is_ol
     mine = f'{YNN_FUSION_FLAG}=-eltwise'
     assert cpu_xla_flags(mine, '0.10.2') == mine          # the user's own choice wins
     assert cpu_xla_flags('', '0.9.0') == ''               # older jaxlib: flag maybe unknown
+
+
+def test_pretrain_mode_then_a_run_from_its_backbone(demo_dir, tmp_path):
+    """--mode=pretrain writes a backbone; --config.pretrained_backbone starts a run from it; a
+    folder that holds no pretraining is a one-line error."""
+    data = [f'--config.data_dir={demo_dir}', *TINY, '--config.num_epochs=1',
+            '--config.max_steps_per_epoch=2', '--compilation_cache=off']
+    pre = run_main('--mode=pretrain', '--config=configs/demo.py', f'--workdir={tmp_path}/pre',
+                   *data)
+    assert pre.returncode == 0, pre.stdout + pre.stderr
+    assert 'Pretrain epoch 1/1 | NT-Xent' in pre.stdout and 'Pretrained backbone in' in pre.stdout
+    run = run_main('--config=configs/demo.py', f'--workdir={tmp_path}/run',
+                   f'--config.pretrained_backbone={tmp_path}/pre', *data)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert 'The backbone starts from the self-supervised pretraining' in run.stdout
+    bad = run_main('--config=configs/demo.py', f'--workdir={tmp_path}/bad',
+                   f'--config.pretrained_backbone={tmp_path}', *data)
+    assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+    assert 'is not a finished pretraining run' in bad.stderr
