@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -30,11 +31,12 @@ _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_e
 _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_every_steps',
                      'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size',
                      'progressive_min_size', 'progressive_start_epoch', 'progressive_end_epoch')
-_POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps', 'ssl_temperature')
+_POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps', 'ssl_temperature',
+                   'distill_temperature')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
                        'translate', 'shear_degrees', 'mixup_alpha', 'min_delta', 'cosine_ce_weight')
 _PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2',
-                'momentum')
+                'momentum', 'distill_weight')
 _RANGES = ('rrc_scale', 'rrc_ratio', 'blur_sigma', 'erasing_scale', 'erasing_ratio')
 
 
@@ -118,6 +120,8 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.pretrained_backbone, str):
         _fail('pretrained_backbone', config.pretrained_backbone,
               "must be the workdir of a --mode=pretrain run, or '' (none)")
+    if not isinstance(config.distill_from, str):
+        _fail('distill_from', config.distill_from, "must be a finished run's workdir, or '' (none)")
 
 
 def _check_image_size(config: ml_collections.ConfigDict) -> None:
@@ -156,7 +160,8 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'max_steps_per_epoch', 'early_stopping_metric', 'stem_pool', 'ema_decay',
                'drop_last_batch', 'progressive_min_size', 'progressive_start_epoch',
                'progressive_end_epoch', 'progressive_multiple', 'pretrained_backbone',
-               'ssl_temperature', 'ssl_projection_dim')
+               'ssl_temperature', 'ssl_projection_dim', 'distill_from', 'distill_weight',
+               'distill_temperature')
 
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
@@ -175,7 +180,8 @@ _ADDED_AFTER = {
         'wd_exclude_bn_bias': False},
     2: {'progressive_min_size': 0, 'progressive_start_epoch': 0, 'progressive_end_epoch': 0,
         'progressive_multiple': 8, 'pretrained_backbone': '', 'ssl_temperature': 0.2,
-        'ssl_projection_dim': 128},
+        'ssl_projection_dim': 128, 'distill_from': '', 'distill_weight': 0.5,
+        'distill_temperature': 4.0},
 }
 
 
@@ -202,6 +208,28 @@ def read_run_config(path: str) -> ml_collections.ConfigDict:
     """The config a run wrote to `path` (its config.json), migrated to the current format."""
     with open(path) as f:
         return ml_collections.ConfigDict(migrate_run_config(json.load(f), path))
+
+
+# A run started from another run's weights or predictions (a pretrained backbone, a teacher)
+# must share its split: the other run trained on its train images, which must not be this run's
+# validation or test images. With a holdout split the seed and share choose those images.
+_SPLIT_SOURCE = ('data_source', 'data_dir', 'tfds_name', 'val_split')
+_HOLDOUT = ('val_fraction', 'seed')
+
+
+def check_same_split(theirs: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                     holdout: bool, flag: str) -> None:
+    """ConfigError naming the first split field in which `theirs` (the config of the run
+    named by --config.`flag`) differs from `config`."""
+    for k in _SPLIT_SOURCE + (_HOLDOUT if holdout else ()):
+        a, b = theirs[k], config[k]
+        if k == 'data_dir':
+            a, b = (os.path.realpath(v) if v else v for v in (a, b))
+        if a != b:
+            raise ConfigError(f'--config.{flag}={config[flag]!r} was trained with {k}={theirs[k]!r}, '
+                              f'this run has {config[k]!r}: it saw the train images of its split, '
+                              'which must not be this run\'s validation or test images; use the '
+                              'same split.')
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:

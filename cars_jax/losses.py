@@ -1,5 +1,6 @@
 """Label-smoothed cross-entropy (PyTorch semantics), the cosine loss, their MixUp forms,
-top-k hits, and SimCLR's contrastive loss for self-supervised pretraining.
+top-k hits, a teacher's distillation term, and SimCLR's contrastive loss for self-supervised
+pretraining.
 
 All functions are pure, jit-able and return one value per example; the caller takes the mean
 (PyTorch's `reduction='mean'` over a batch is the plain mean of these).
@@ -88,6 +89,17 @@ def mixed_loss(logits: jax.Array, labels_a: jax.Array, labels_b: jax.Array,
     lam = jnp.asarray(lam, jnp.float32)
     cos = lam * cosine_loss(logits, labels_a) + (1.0 - lam) * cosine_loss(logits, labels_b)
     return cos + ce_weight * ce if ce_weight else cos
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float = 4.0) -> jax.Array:
+    """Per-example knowledge distillation term (Hinton et al. 2015): T^2 * KL(p_t || p_s) with
+    p = softmax(logits / T). The T^2 keeps its gradient's scale independent of T. Zero when
+    the student's softened distribution is the teacher's; no gradient reaches the teacher."""
+    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+    log_pt = jax.nn.log_softmax(t, axis=-1)
+    log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return temperature ** 2 * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
 
 
 def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float = 0.2,

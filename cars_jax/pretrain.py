@@ -24,8 +24,8 @@ import ml_collections
 import optax
 
 from cars_jax.checkpoints import latest_manager, restore_checkpoint, save_checkpoint
-from cars_jax.config import (ConfigError, incompatible_fields, read_run_config, run_config_json,
-                             validate_config)
+from cars_jax.config import (ConfigError, check_same_split, incompatible_fields, read_run_config,
+                             run_config_json, validate_config)
 from cars_jax.console import Reporter, fmt_time
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
@@ -37,9 +37,8 @@ from cars_jax.optim import make_optimizer
 from cars_jax.steps import TrainState, keep_if_finite
 
 # What the supervised run must share with the pretraining it starts from: the backbone's
-# shapes, and the split (pretraining saw the train part; validating on any of it would leak).
+# shapes, and the split (`config.check_same_split`).
 _SAME_ARCHITECTURE = ('stage_sizes', 'widths', 'stem_pool')
-_SAME_SPLIT = ('data_source', 'data_dir', 'tfds_name', 'val_split', 'val_fraction', 'seed')
 PRETRAIN_MARKER = 'pretrain.json'
 
 
@@ -111,15 +110,13 @@ def load_pretrained_backbone(state: TrainState, config: ml_collections.ConfigDic
                           'pretraining run (no pretrain.json); run python main.py '
                           f'--mode=pretrain --workdir={workdir} first.')
     theirs = read_run_config(os.path.join(workdir, 'config.json'))
-    split = _SAME_SPLIT if holdout else _SAME_SPLIT[:3]
-    for fields, why in ((_SAME_ARCHITECTURE, 'the backbone\'s shapes'),
-                        (split, 'the split: pretraining saw its train images, which must '
-                                'not be this run\'s validation or test images')):
-        for k in fields:
-            if _plain(theirs[k], k) != _plain(config[k], k):
-                raise ConfigError(f'--config.pretrained_backbone={workdir!r} was pretrained with '
-                                  f'{k}={theirs[k]!r}, this run has {config[k]!r}; {why} '
-                                  'must match.')
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    for k in _SAME_ARCHITECTURE:
+        if norm(theirs[k]) != norm(config[k]):
+            raise ConfigError(f'--config.pretrained_backbone={workdir!r} was pretrained with '
+                              f'{k}={theirs[k]!r}, this run has {config[k]!r}: the backbone\'s '
+                              'shapes must match.')
+    check_same_split(theirs, config, holdout, 'pretrained_backbone')
     mgr = latest_manager(workdir)
     try:
         template = create_pretrain_state(theirs, jax.random.PRNGKey(0), 2)  # shapes only
@@ -128,12 +125,6 @@ def load_pretrained_backbone(state: TrainState, config: ml_collections.ConfigDic
         mgr.close()
     return with_backbone(state, {'params': pretrained.params['backbone'],
                                  'batch_stats': pretrained.batch_stats['backbone']})
-
-
-def _plain(v: Any, field: str) -> Any:
-    if field == 'data_dir':
-        return os.path.realpath(v) if v else v
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 # ---- the loop ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from flax.training import train_state
 
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.device_augment import augment_batch, sample_device_params
-from cars_jax.losses import mixed_loss, topk_correct
+from cars_jax.losses import distillation_loss, mixed_loss, topk_correct
 from cars_jax.mixup import mix_batch
 from cars_jax.model import build_model, init_variables
 from cars_jax.optim import make_optimizer
@@ -91,9 +91,15 @@ def keep_if_finite(new_state: TrainState, state: TrainState, loss: jax.Array,
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothing: float = 0.05,
                mixup_alpha: float = 0.4, mixup_prob: float = 0.5, cutmix_alpha: float = 0.0,
                cutmix_share: float = 0.5, loss: str = 'cross_entropy',
-               cosine_ce_weight: float = 0.1) -> tuple[TrainState, Metrics]:
+               cosine_ce_weight: float = 0.1, teacher: Any = None,
+               teacher_apply: Callable | None = None, distill_weight: float = 0.5,
+               distill_temperature: float = 4.0) -> tuple[TrainState, Metrics]:
     """One optimiser step. Defaults are the seed's values (cutmix_alpha 0: MixUp only; the
     label-smoothed cross-entropy; `loss='cosine'`: see `losses.mixed_loss`).
+
+    Distillation (not the seed): with `teacher` variables and their `teacher_apply`, the loss
+    is (1 - distill_weight) x the above + distill_weight x `losses.distillation_loss` against
+    the teacher's logits on the same (mixed) images, in inference mode.
 
     A non-finite loss or gradient leaves the state unchanged and reports `finite=0`, so a
     NaN can never reach parameters or checkpoints; the caller decides to stop.
@@ -104,6 +110,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
     images, labels_a, labels_b, lam = mix_batch(mix_rng, batch['image'], batch['label'],
                                                 mixup_alpha, mixup_prob, cutmix_alpha,
                                                 cutmix_share)
+    teacher_logits = None if teacher is None else teacher_apply(teacher, images, train=False)
 
     def loss_fn(params):
         logits, new_model_state = state.apply_fn(
@@ -111,6 +118,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
             rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
         value = mixed_loss(logits, labels_a, labels_b, lam, label_smoothing, loss,
                            cosine_ce_weight).mean()
+        if teacher_logits is not None:
+            kd = distillation_loss(logits, teacher_logits, distill_temperature).mean()
+            value = (1.0 - distill_weight) * value + distill_weight * kd
         return value, (logits, new_model_state)
 
     (value, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -213,7 +223,8 @@ def mix_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
-               device_aug: AugmentConfig | None = None) -> tuple[Callable, Callable]:
+               device_aug: AugmentConfig | None = None,
+               teacher_apply: Callable | None = None) -> tuple[Callable, Callable]:
     """train_step / eval_step with the config's hyperparameters bound, each jitted once.
 
     The state is donated to the train step: XLA updates parameters in place. With a `mesh`
@@ -221,30 +232,35 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     replicated; XLA's SPMD partitioner inserts the gradient all-reduce, and BatchNorm's batch
     statistics are means over the *global* batch, so the trajectory equals one device's.
     With `device_aug` the train step takes decode-once cache batches and augments them itself
-    (`train_step_cached`).
+    (`train_step_cached`); its static `image_size` argument is the augmentation's output size
+    when it is not device_aug's (progressive resizing; each size compiles once). With
+    `teacher_apply` (distillation) the train step takes the teacher's variables as its 4th
+    argument: `train_fn(state, batch, rng, teacher)`.
     """
     kw = mix_hyperparameters(config)
-    if device_aug is None:
-        train_fn = lambda s, b, r: train_step(s, b, r, **kw)
-    else:
-        # image_size (static): the output size of this call's augmentation, when it is not
-        # device_aug's (progressive resizing); each size compiles once.
-        def train_fn(s, b, r, image_size=None):
-            aug = device_aug if image_size in (None, device_aug.image_size) else \
-                dataclasses.replace(device_aug, image_size=image_size)
-            return train_step_cached(s, b, r, aug=aug, **kw)
+    if teacher_apply is not None:
+        kw.update(teacher_apply=teacher_apply, distill_weight=float(config.distill_weight),
+                  distill_temperature=float(config.distill_temperature))
+
+    def train_fn(s, b, r, teacher=None, image_size=None):
+        if device_aug is None:
+            return train_step(s, b, r, teacher=teacher, **kw)
+        aug = device_aug if image_size in (None, device_aug.image_size) else \
+            dataclasses.replace(device_aug, image_size=image_size)
+        return train_step_cached(s, b, r, aug=aug, teacher=teacher, **kw)
     eval_fn = lambda s, b: eval_step(s, b, label_smoothing=config.label_smoothing,
                                      flip_tta=bool(config.eval_flip_tta),
                                      loss=str(config.loss),
                                      cosine_ce_weight=float(config.cosine_ce_weight))
-    static = {} if device_aug is None else {'static_argnames': ('image_size',)}
+    static = {'static_argnames': ('image_size',)}
     if mesh is None or mesh.size == 1:
         return jax.jit(train_fn, donate_argnums=(0,), **static), jax.jit(eval_fn)
     if config.batch_size % mesh.size:
         raise ValueError(f'--config.batch_size={config.batch_size} must be divisible by the '
                          f'{mesh.size} devices of the data-parallel mesh.')
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    train = jax.jit(train_fn, in_shardings=(replicated, split, replicated),
+    teacher_in = (replicated,) if teacher_apply is not None else ()
+    train = jax.jit(train_fn, in_shardings=(replicated, split, replicated) + teacher_in,
                     out_shardings=(replicated, replicated), donate_argnums=(0,), **static)
     evaluate = jax.jit(eval_fn, in_shardings=(replicated, split), out_shardings=replicated)
     return train, evaluate

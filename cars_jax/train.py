@@ -49,6 +49,7 @@ from cars_jax.pretrain import load_pretrained_backbone
 from cars_jax.schedules import progressive_image_size
 from cars_jax.tensorboard import open_run_writer
 from cars_jax.data.cache import build_cache, cache_size_for
+from cars_jax.distill import load_teacher
 from cars_jax.distributed import global_batch, host_local, replicate
 from cars_jax.steps import (TrainState, augment_on_device, create_train_state, data_parallel_mesh,
                             make_steps, mix_hyperparameters)
@@ -121,6 +122,7 @@ class _Run:
     eval_fn: _FirstCallTimer
     latest_mgr: Any
     best_mgr: Any
+    teacher: Any = None        # the distillation teacher's variables (config.distill_from)
 
     @property
     def primary(self) -> bool:   # process 0 writes the run's files
@@ -184,10 +186,18 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
         cache = build_cache(data.train, cache_size_for(config.image_size, config.cache_size),
                             cache_dir=_cache_dir(config, workdir), name='train',
                             use_bbox=config.use_bbox, bbox_margin=config.bbox_margin, log=log)
-    train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None)
+    teacher, teacher_apply = None, None
+    if config.distill_from:
+        teacher, teacher_apply = load_teacher(config, data.class_names, not data.val_is_test)
+        teacher = replicate(teacher, mesh) if jax.process_count() > 1 else teacher
+        log(f'Distillation from the best checkpoint of {config.distill_from} (weight '
+            f'{config.distill_weight}, temperature {config.distill_temperature}).')
+    train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None,
+                                   teacher_apply=teacher_apply)
     latest_mgr, best_mgr = checkpoint_managers(workdir, config.early_stopping_metric)
     run = _Run(config, workdir, data, log, steps_per_epoch, aug, base_rng, mesh, cache,
-               _FirstCallTimer(train_fn), _FirstCallTimer(eval_fn), latest_mgr, best_mgr)
+               _FirstCallTimer(train_fn), _FirstCallTimer(eval_fn), latest_mgr, best_mgr,
+               teacher)
     return run, state
 
 
@@ -268,6 +278,7 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
                 f'resizing; validation at {config.image_size} px)')
     # The device path augments inside the step: its output size is a static argument there.
     size_kw = {'image_size': size} if run.cache is not None and size != config.image_size else {}
+    teacher = () if run.teacher is None else (run.teacher,)
     it = pipeline.iterate(_epoch_dataset(run, epoch, size), progress.iterator)
     meter = EpochMeter(progress.epoch_sums)
     t_epoch, compiled_before = time.time(), run.train_fn.seconds
@@ -282,7 +293,7 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
         rng = jax.random.fold_in(run.base_rng, step)
         step_batch = {k: batch[k] for k in step_keys}
         state, m = run.train_fn(state, global_batch(step_batch, run.mesh) if run.multi
-                                else step_batch, rng, **size_kw)
+                                else step_batch, rng, *teacher, **size_kw)
         m = host_local(m)
         if not m['finite']:
             raise TrainingError(_nonfinite_message(step, epoch, batch, run.data.train, m,

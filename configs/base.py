@@ -106,6 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.cutmix_share = 0.5           # with both alphas > 0: share of mixed batches that use CutMix
     c.ema_decay = 0.0              # >0: evaluate, keep and serve an EMA of the weights (not the
                                    #   seed; e.g. 0.999 = a horizon of ~1000 steps)
+    # Distillation (not the seed): also fit a finished run's predictions (its best checkpoint,
+    # same split: checked) on the same mixed images: (1 - w) x the loss above + w x T^2 KL.
+    c.distill_from = ''            # the teacher's workdir ('' : none)
+    c.distill_weight = 0.5
+    c.distill_temperature = 4.0
 
     # ---- self-supervised pretraining (--mode=pretrain: SimCLR on the train images) ------------
     c.ssl_temperature = 0.2        # NT-Xent temperature (SimCLR: 0.1-0.5; 0.2 at small batches)

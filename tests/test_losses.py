@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cars_jax.losses import (mixed_cross_entropy, nt_xent_loss, smoothed_cross_entropy,
+from cars_jax.losses import (distillation_loss, mixed_cross_entropy, nt_xent_loss, smoothed_cross_entropy,
                              topk_correct)
 
 
@@ -180,3 +180,19 @@ def test_nt_xent_by_hand_and_its_hit_rate():
     assert float(hits) == 0.0
     grads = jax.grad(lambda a: nt_xent_loss(a, jnp.zeros((2, 2)), t)[0])(z1)
     assert np.all(np.isfinite(np.asarray(grads)))            # a zero embedding stays finite
+
+
+@pytest.mark.parametrize('t', [1.0, 4.0])
+def test_distillation_is_t2_times_the_kl_of_the_softened_distributions(t):
+    rng = np.random.default_rng(1)
+    s, te = rng.normal(size=(5, 7)) * 3, rng.normal(size=(5, 7)) * 3
+    soft = lambda x: np.exp(x / t) / np.exp(x / t).sum(-1, keepdims=True)
+    ps, pt = soft(s), soft(te)
+    want = t * t * (pt * np.log(pt / ps)).sum(-1)
+    got = distillation_loss(jnp.asarray(s, jnp.float32), jnp.asarray(te, jnp.float32), t)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+    same = distillation_loss(jnp.asarray(te, jnp.float32), jnp.asarray(te, jnp.float32), t)
+    np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-5)
+    g = jax.grad(lambda a, b: distillation_loss(a, b, t).sum(), argnums=1)(
+        jnp.asarray(s, jnp.float32), jnp.asarray(te, jnp.float32))
+    assert not np.any(np.asarray(g))                       # the teacher gets no gradient

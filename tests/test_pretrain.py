@@ -127,7 +127,7 @@ def test_a_backbone_from_another_net_split_or_no_pretraining_is_one_clear_error(
     with pytest.raises(ConfigError, match='widths'):
         load_pretrained_backbone(fresh(wide), wide)
     other_seed = run_config(data_dir, pretrained_backbone=str(pre), seed=7)
-    with pytest.raises(ConfigError, match='seed=0.*validation or test images'):
+    with pytest.raises(ConfigError, match='trained with seed=0.*validation or test images'):
         load_pretrained_backbone(fresh(other_seed), other_seed, holdout=True)
     load_pretrained_backbone(fresh(other_seed), other_seed, holdout=False)  # validation = test
     nothing = run_config(data_dir, pretrained_backbone=str(tmp_path))

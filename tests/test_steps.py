@@ -257,3 +257,39 @@ def test_cosine_loss_config_reaches_the_train_and_eval_steps():
     state_ce = create_train_state(tiny_config(mixup_prob=0.0), jax.random.PRNGKey(0), 3, 10)
     _, m_ce = make_steps(tiny_config(mixup_prob=0.0))[0](state_ce, batch, jax.random.PRNGKey(1))
     assert 0.0 <= float(m['loss']) <= 2.0 and abs(float(m['loss']) - float(m_ce['loss'])) > 0.1
+
+
+def _numpy_smoothed_ce(logits, labels, eps):
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    return (1 - eps) * -logp[np.arange(len(labels)), labels] + eps * -logp.mean(-1)
+
+
+def test_distillation_step_loss_is_the_weighted_sum_of_task_and_teacher_terms():
+    """(1 - w) x label-smoothed CE + w x T^2 KL(teacher || student), from the two networks'
+    logits recomputed outside the step and combined in numpy; w = 0 is the plain step."""
+    from cars_jax.model import build_model
+    c = tiny_config(dropout=0.0, mixup_prob=0.0, distill_weight=0.3, distill_temperature=2.0)
+    batch = tiny_batch()
+    student = create_train_state(c, jax.random.PRNGKey(0), 3, 10)
+    teacher_cfg = tiny_config(widths=(4, 12))                 # a teacher of another shape
+    teacher_state = create_train_state(teacher_cfg, jax.random.PRNGKey(1), 3, 10)
+    teacher = {'params': teacher_state.params, 'batch_stats': teacher_state.batch_stats}
+    apply_t = build_model(teacher_cfg, 3).apply
+    train_fn, _ = make_steps(c, teacher_apply=apply_t)
+    rng = jax.random.PRNGKey(4)
+    s_logits, _ = student.apply_fn({'params': student.params, 'batch_stats': student.batch_stats},
+                                   batch['image'], train=True, mutable=['batch_stats'])
+    t_logits = np.asarray(apply_t(teacher, batch['image'], train=False), np.float64)
+    s_logits = np.asarray(s_logits, np.float64)
+    soft = lambda x: np.exp(x / 2.0) / np.exp(x / 2.0).sum(-1, keepdims=True)
+    kd = 4.0 * (soft(t_logits) * np.log(soft(t_logits) / soft(s_logits))).sum(-1)
+    ce = _numpy_smoothed_ce(s_logits, batch['label'], c.label_smoothing)
+    _, m = train_fn(jax.tree.map(np.copy, student), batch, rng, teacher)
+    np.testing.assert_allclose(float(m['loss']), 0.7 * ce.mean() + 0.3 * kd.mean(), rtol=1e-4)
+    c0 = tiny_config(dropout=0.0, mixup_prob=0.0, distill_weight=0.0)
+    with_teacher, _ = make_steps(c0, teacher_apply=apply_t)[0](jax.tree.map(np.copy, student),
+                                                               batch, rng, teacher)
+    plain, _ = make_steps(c0)[0](jax.tree.map(np.copy, student), batch, rng)
+    for x, y in zip(jax.tree.leaves(with_teacher.params), jax.tree.leaves(plain.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)

@@ -366,3 +366,22 @@ def test_progressive_resizing_feeds_each_epoch_its_size(data_dir, tmp_path, monk
     for epoch, size in ((1, 8), (2, 12), (3, 16)):
         assert f'from epoch {epoch} the train images are {size} px' in log
     assert report['val']['count'] == 9
+
+
+def test_a_run_distils_from_a_finished_run_of_the_same_split_only(data_dir, tmp_path):
+    teacher = tmp_path / 'teacher'
+    train_and_evaluate(run_config(data_dir, widths=(4, 12)), str(teacher), quiet=True)
+    student = tmp_path / 'student'
+    c = run_config(data_dir, distill_from=str(teacher), distill_weight=0.5)
+    train_and_evaluate(c, str(student), quiet=True)
+    log = _log(student)
+    assert f'Distillation from the best checkpoint of {teacher}' in log
+    rows = [json.loads(l) for l in open(student / 'metrics.jsonl')]
+    assert len(rows) == 2 and all(np.isfinite(r['train_loss']) for r in rows)
+    from cars_jax.config import ConfigError
+    other = run_config(data_dir, distill_from=str(teacher), val_split='holdout')
+    with pytest.raises(ConfigError, match='distill_from=.*val_split'):
+        train_and_evaluate(other, str(tmp_path / 'leak'), quiet=True)
+    nowhere = run_config(data_dir, distill_from=str(tmp_path / 'none'))
+    with pytest.raises(FileNotFoundError, match='config.json not found'):
+        train_and_evaluate(nowhere, str(tmp_path / 'x'), quiet=True)
