@@ -101,6 +101,8 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
         _fail('cutmix_share', cutmix_share, 'must be a number in [0, 1]')
     if not isinstance(config.drop_last_batch, bool):
         _fail('drop_last_batch', config.drop_last_batch, 'must be True or False')
+    if not isinstance(config.blur_pool, bool):
+        _fail('blur_pool', config.blur_pool, 'must be True or False')
     if not isinstance(config.tensorboard, bool):
         _fail('tensorboard', config.tensorboard, 'must be True or False')
     if not 0 < config.pct_start < 1:
@@ -161,7 +163,7 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'drop_last_batch', 'progressive_min_size', 'progressive_start_epoch',
                'progressive_end_epoch', 'progressive_multiple', 'pretrained_backbone',
                'ssl_temperature', 'ssl_projection_dim', 'distill_from', 'distill_weight',
-               'distill_temperature')
+               'distill_temperature', 'blur_pool')
 
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
@@ -181,7 +183,7 @@ _ADDED_AFTER = {
     2: {'progressive_min_size': 0, 'progressive_start_epoch': 0, 'progressive_end_epoch': 0,
         'progressive_multiple': 8, 'pretrained_backbone': '', 'ssl_temperature': 0.2,
         'ssl_projection_dim': 128, 'distill_from': '', 'distill_weight': 0.5,
-        'distill_temperature': 4.0},
+        'distill_temperature': 4.0, 'blur_pool': False},
 }
 
 

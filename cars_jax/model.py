@@ -257,16 +257,31 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def blur_3x3(x: jax.Array) -> jax.Array:
+    """The binomial [1, 2, 1] x [1, 2, 1] / 16 low-pass filter per channel, stride 1, zero
+    padding 1 (FFCV's BlurPoolConv2d, before a strided conv): anti-aliasing (Zhang, "Making
+    Convolutional Networks Shift-Invariant Again", ICML 2019). Written as shifted adds (it is
+    separable) rather than a depthwise convolution, which XLA:CPU runs slowly."""
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    rows = (p[:, 0:h] + 2 * p[:, 1:h + 1] + p[:, 2:h + 2]) / 4
+    return (rows[:, :, 0:w] + 2 * rows[:, :, 1:w + 1] + rows[:, :, 2:w + 2]) / 4
+
+
 class BasicBlock(nn.Module):
-    """torchvision's BasicBlock (post-activation) = the seed's ResidualBlock."""
+    """torchvision's BasicBlock (post-activation) = the seed's ResidualBlock. `blur_pool`
+    (not the seed): a strided block blurs its input before its strided convolutions."""
     features: int
     strides: int = 1
     conv: Callable[..., nn.Module] = Conv
     norm: Callable[..., nn.Module] = BatchNorm
     zero_init_last_bn: bool = False
+    blur_pool: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.blur_pool and self.strides != 1:
+            x = blur_3x3(x)
         residual = x
         y = self.conv(self.features, 3, self.strides, 1, name='conv1')(x)
         y = nn.relu(self.norm(name='bn1')(y))
@@ -296,6 +311,7 @@ class ResNet(nn.Module):
     init_scheme: str = 'pytorch'  # not `init`: that would shadow nn.Module.init
     zero_init_last_bn: bool = False
     stem_pool: bool = True        # the seed's 3x3/2 max-pool after the stem
+    blur_pool: bool = False       # anti-aliased strided blocks (FFCV's BlurPool); no params
     bn_momentum: float = 0.1      # PyTorch convention
     bn_eps: float = 1e-5
     conv_impl: str = 'auto'
@@ -331,7 +347,8 @@ class ResNet(nn.Module):
             for j in range(blocks):
                 strides = 2 if i > 1 and j == 0 else 1
                 x = BasicBlock(width, strides, conv=conv, norm=norm,
-                               zero_init_last_bn=self.zero_init_last_bn, name=f'l{i}_{j}')(x)
+                               zero_init_last_bn=self.zero_init_last_bn,
+                               blur_pool=self.blur_pool, name=f'l{i}_{j}')(x)
             name = f'stage{i}'
             if self.is_mutable_collection('perturbations') or self.has_variable(
                     'perturbations', name):   # so a partial collection, e.g. stage4 only, works
@@ -380,6 +397,7 @@ def build_model(config, num_classes: int) -> ResNet:
         init_scheme=config.init,
         zero_init_last_bn=config.zero_init_last_bn,
         stem_pool=config.stem_pool,
+        blur_pool=config.blur_pool,
         bn_momentum=config.bn_momentum,
         bn_eps=config.bn_eps,
         conv_impl=config.conv_impl,

@@ -375,3 +375,35 @@ def test_build_model_from_config():
         bad_cfg[field] = bad
         with pytest.raises(ValueError, match=field):
             M.build_model(bad_cfg, 3)
+
+
+def test_blur_is_the_binomial_filter_with_zero_padding():
+    """Against a hand loop of the 3x3 kernel [1,2,1]^T [1,2,1] / 16 over a zero-padded input
+    (FFCV's BlurPoolConv2d filter: F.conv2d(..., padding=1, groups=C))."""
+    from cars_jax.model import blur_3x3
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    k = np.outer([1, 2, 1], [1, 2, 1]) / 16
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros_like(x)
+    for i in range(5):
+        for j in range(7):
+            want[:, i, j] = np.einsum('nabc,ab->nc', p[:, i:i + 3, j:j + 3], k)
+    np.testing.assert_allclose(np.asarray(blur_3x3(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+    flat = np.ones((1, 4, 4, 1), np.float32)                       # interior of a constant: kept
+    np.testing.assert_allclose(np.asarray(blur_3x3(jnp.asarray(flat)))[0, 1:3, 1:3, 0], 1.0)
+
+
+def test_blur_pool_changes_only_the_strided_blocks_and_adds_no_parameters():
+    """Same parameters as the seed's net; the output differs, and a block of stride 1 sees the
+    same input either way (stage 1's intermediate is unchanged)."""
+    from cars_jax.model import ResNet
+    plain = ResNet(10, stage_sizes=(1, 1), widths=(4, 8))
+    blurred = ResNet(10, stage_sizes=(1, 1), widths=(4, 8), blur_pool=True)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+    v = plain.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(v) == jax.tree.structure(blurred.init(jax.random.PRNGKey(0), x))
+    out_a, st_a = plain.apply(v, x, mutable=['intermediates'])
+    out_b, st_b = blurred.apply(v, x, mutable=['intermediates'])
+    np.testing.assert_array_equal(np.asarray(st_a['intermediates']['stage1'][0]),
+                                  np.asarray(st_b['intermediates']['stage1'][0]))
+    assert not np.allclose(np.asarray(out_a), np.asarray(out_b))
