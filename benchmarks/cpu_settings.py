@@ -34,6 +34,14 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     'auto+xnnpack': ('--xla_cpu_use_xnnpack=true', {'conv_impl': 'auto'}),
     'matmul': ('', {'conv_impl': 'matmul'}),
     'auto+bf16': ('', {'conv_impl': 'auto', 'dtype': 'bfloat16'}),
+    # bf16 matmul convolutions: the dots (backward ones included, their cotangents are bf16
+    # too) are where AMX/AVX512-BF16 could pay; with oneDNN for the dots as well.
+    'matmul+bf16': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES}',
+                    {'conv_impl': 'matmul', 'dtype': 'bfloat16'}),
+    'matmul+bf16+onednn': ('--xla_cpu_use_onednn=true',
+                           {'conv_impl': 'matmul', 'dtype': 'bfloat16'}),
+    'matmul+bf16+ynn_dot': ('--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot',
+                            {'conv_impl': 'matmul', 'dtype': 'bfloat16'}),
 }
 CHECK_STEPS = 20
 # Losses of a float32 setting within this of the baseline's after CHECK_STEPS steps: the same
