@@ -12,7 +12,9 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 
@@ -134,4 +136,31 @@ def closed_on_error(*managers):
 
 
 __all__ = ['console', 'Reporter', 'fmt_time', 'is_disk_full', 'mute_stderr', 'MuteOnDiskFull',
-           'closed_on_error']
+           'closed_on_error', 'StopSignal']
+
+
+# ---- Ctrl-C and SIGTERM -------------------------------------------------------------------------
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; a loop (training, pretraining) saves a checkpoint at the next
+    step and exits. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def __call__(self, signum, frame):
+        if self.received is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is threading.main_thread():
+            old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield self
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        else:
+            yield self

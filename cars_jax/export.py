@@ -13,7 +13,6 @@ Loading is `jax.export.deserialize`, which also needs the `flatbuffers` package.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any, Callable, Mapping, Sequence

@@ -26,7 +26,7 @@ import optax
 from cars_jax.checkpoints import latest_manager, restore_checkpoint, save_checkpoint
 from cars_jax.config import (ConfigError, check_same_split, incompatible_fields, read_run_config,
                              run_config_json, validate_config)
-from cars_jax.console import Reporter, fmt_time
+from cars_jax.console import Reporter, StopSignal, fmt_time
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import build_data
@@ -134,7 +134,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
     """SimCLR pretraining for config.num_epochs epochs (or resumed from workdir's latest
     checkpoint). Returns {'epochs', 'loss', 'positive_hits', 'seconds'} of the run, or
     {'interrupted': True, 'step'} when stopped (Ctrl-C, SIGTERM, stop_after_steps)."""
-    from cars_jax.train import _StopSignal   # one signal handler for both loops
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     log = Reporter(workdir, quiet)
@@ -169,7 +168,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
         f'validation images never seen), {steps_per_epoch} steps/epoch x {config.num_epochs} '
         f'epochs, batch {config.batch_size} x 2 views, {config.image_size}px, temperature '
         f'{config.ssl_temperature}, on {jax.devices()[0].platform}.')
-    stopper, started, t0_step = _StopSignal(), time.time(), int(state.step)
+    stopper, started, t0_step = StopSignal(), time.time(), int(state.step)
     compile_s, loss, hits = 0.0, float('nan'), float('nan')
     with stopper.installed():
         while epoch < config.num_epochs:

@@ -18,13 +18,11 @@ resumed run draws the same MixUp/dropout randomness as an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
-import threading
 import time
 from typing import Any
 
@@ -35,7 +33,7 @@ import numpy as np
 
 from cars_jax.config import (ConfigError, incompatible_fields, read_run_config, run_config_json,
                              validate_config)
-from cars_jax.console import Reporter, closed_on_error, fmt_time
+from cars_jax.console import Reporter, StopSignal, closed_on_error, fmt_time
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import DataBundle, build_data
@@ -253,7 +251,7 @@ def _train_epochs(run: _Run, state: TrainState, progress: Progress, history: lis
                   stop_after_steps: int | None) -> tuple[TrainState, bool]:
     """The epochs left. Returns the last state and whether the run was stopped before its end
     (Ctrl-C, SIGTERM, stop_after_steps), with a checkpoint saved to resume from."""
-    stopper = _StopSignal()
+    stopper = StopSignal()
     started = (time.time(), _step(state))
     with stopper.installed(), closed_on_error(run.latest_mgr, run.best_mgr, tb):
         while not progress.finished and progress.epoch < run.config.num_epochs:
@@ -266,7 +264,7 @@ def _train_epochs(run: _Run, state: TrainState, progress: Progress, history: lis
     return state, False
 
 
-def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: _StopSignal,
+def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: StopSignal,
                  stop_after_steps: int | None) -> tuple[TrainState, EpochMeter, bool]:
     """The steps of epoch `progress.epoch` (from the saved iterator position when resumed
     mid-epoch). Returns the state, the epoch's meter and whether a stop was asked for."""
@@ -591,30 +589,6 @@ class _FirstCallTimer:
         self.seconds += time.time() - t
         self.shapes.add(shape)
         return out
-
-
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
-
-    def __init__(self):
-        self.received: int | None = None
-
-    def __call__(self, signum, frame):
-        if self.received is not None:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.received = signum
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is threading.main_thread():
-            old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield self
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-        else:
-            yield self
 
 
 def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
