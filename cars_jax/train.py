@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
@@ -296,6 +297,8 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
         if not m['finite']:
             raise TrainingError(_nonfinite_message(step, epoch, batch, run.data.train, m,
                                                    run.latest_mgr, run.best_mgr))
+        if run.multi and step_in_epoch == first_step_in_epoch:
+            _compile_partial_step(run, state, step_batch, teacher, size_kw)
         meter.add(m, images=len(batch['label']) * jax.process_count(),
                   batch_size=config.batch_size)
         tb.step(step + 1, float(m['loss']), float(m['lr']))
@@ -318,6 +321,25 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
         t_ready = time.time()
     meter.add_time(time.time() - t_epoch)
     return state, meter, stopped
+
+
+def _compile_partial_step(run: _Run, state: TrainState, like: dict, teacher: tuple,
+                          size_kw: dict) -> None:
+    """Several processes: compile the train step for the epoch's last partial batch now, in
+    every process at the same point (after the epoch's first step), not when each process
+    reaches that batch: a process still compiling there can time out the others' collectives.
+    It runs once on zeros shaped like that batch and a copy of the state, and is thrown away."""
+    config = run.config
+    sizes = pipeline.epoch_batch_sizes(len(run.data.train), config.batch_size,
+                                       config.max_steps_per_epoch, config.drop_last_batch,
+                                       _num_devices(run.mesh))
+    if sizes[-1] == sizes[0]:
+        return
+    rows = sizes[-1] // jax.process_count()
+    dummy = global_batch({k: np.zeros((rows,) + np.shape(v)[1:], np.asarray(v).dtype)
+                          for k, v in like.items()}, run.mesh)
+    if not run.train_fn.seen(dummy, size_kw):
+        run.train_fn(jax.tree.map(jnp.copy, state), dummy, run.base_rng, *teacher, **size_kw)
 
 
 def train_image_size(config: ml_collections.ConfigDict, epoch: int) -> int:
@@ -579,9 +601,17 @@ class _FirstCallTimer:
     def __init__(self, fn: Any):
         self.fn, self.seconds, self.shapes = fn, 0.0, set()
 
+    @staticmethod
+    def _key(batch: dict, static: dict) -> tuple:
+        return (tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items())),
+                tuple(sorted(static.items())))
+
+    def seen(self, batch: dict, static: dict) -> bool:
+        """Whether a call with this batch shape (and static arguments) has compiled."""
+        return self._key(batch, static) in self.shapes
+
     def __call__(self, state: Any, batch: dict, *args: Any, **static: Any) -> Any:
-        shape = (tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items())),
-                 tuple(sorted(static.items())))
+        shape = self._key(batch, static)
         if shape in self.shapes:
             return self.fn(state, batch, *args, **static)
         t = time.time()
