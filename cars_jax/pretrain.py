@@ -132,104 +132,138 @@ def load_pretrained_backbone(state: TrainState, config: ml_collections.ConfigDic
 def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
              stop_after_steps: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """SimCLR pretraining for config.num_epochs epochs (or resumed from workdir's latest
-    checkpoint). Returns {'epochs', 'loss', 'positive_hits', 'seconds'} of the run, or
-    {'interrupted': True, 'step'} when stopped (Ctrl-C, SIGTERM, stop_after_steps)."""
+    checkpoint), on plain shuffled full batches of the split's train images. Returns the
+    summary written to pretrain.json ({'epochs', 'steps', 'loss', 'positive_hits', 'seconds',
+    'images_seen'}), or {'interrupted': True, 'step'} when stopped (Ctrl-C, SIGTERM,
+    stop_after_steps) with a checkpoint to resume from."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     log = Reporter(workdir, quiet)
+    marker = os.path.join(workdir, PRETRAIN_MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            log(f'{workdir} holds a finished pretraining; start a run from it with '
+                f'--config.pretrained_backbone={workdir}')
+            return json.load(f)
     data = build_data(config)
-    train = data.train
-    steps_per_epoch = pipeline.steps_per_epoch(len(train), config.batch_size,
+    steps_per_epoch = pipeline.steps_per_epoch(len(data.train), config.batch_size,
                                                config.max_steps_per_epoch, drop_last=True)
     if steps_per_epoch == 0:
-        raise ConfigError(f'--config.batch_size={config.batch_size}: the {len(train)} train '
+        raise ConfigError(f'--config.batch_size={config.batch_size}: the {len(data.train)} train '
                           'images do not fill one batch; use a smaller batch.')
-    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = create_pretrain_state(config, init_rng, steps_per_epoch)
-    step_fn = jax.jit(lambda s, b: pretrain_step(s, b, float(config.ssl_temperature)),
-                      donate_argnums=(0,))
-    aug = AugmentConfig.from_config(config)
+    state = create_pretrain_state(config, jax.random.split(jax.random.PRNGKey(config.seed))[0],
+                                  steps_per_epoch)
     mgr = latest_manager(workdir)
-    epoch, iterator = 0, None
-    if mgr.latest_step() is not None:
-        with open(os.path.join(workdir, 'config.json')) as f:
-            changed = incompatible_fields(json.load(f), config)
-        if changed:
-            raise ConfigError(f'{workdir} holds a pretraining with another config ('
-                              f'{"; ".join(changed)}); use its settings or a new --workdir.')
-        state, meta = restore_checkpoint(mgr, state)
-        epoch, iterator = meta['epoch'], meta['iterator']
-        log(f'Resumed the pretraining in {workdir} at step {int(state.step)} '
-            f'(epoch {epoch + 1}).')
-    else:
-        write_json_atomic(os.path.join(workdir, 'config.json'), run_config_json(config),
-                          indent=2)
-    log(f'SimCLR pretraining: {len(train)} train images (labels unused; {len(data.val)} '
+    state, epoch, iterator = _resume_pretraining(mgr, state, config, workdir, log)
+    log(f'SimCLR pretraining: {len(data.train)} train images (labels unused; {len(data.val)} '
         f'validation images never seen), {steps_per_epoch} steps/epoch x {config.num_epochs} '
         f'epochs, batch {config.batch_size} x 2 views, {config.image_size}px, temperature '
         f'{config.ssl_temperature}, on {jax.devices()[0].platform}.')
-    stopper, started, t0_step = StopSignal(), time.time(), int(state.step)
-    compile_s, loss, hits = 0.0, float('nan'), float('nan')
-    with stopper.installed():
+    loop = _PretrainLoop(config, workdir, data, log, mgr, steps_per_epoch,
+                         jax.jit(lambda s, b: pretrain_step(s, b, float(config.ssl_temperature)),
+                                 donate_argnums=(0,)), int(state.step))
+    record = {}
+    with loop.stopper.installed():
         while epoch < config.num_epochs:
-            ds = pipeline.train_epoch_dataset(
-                train, data.train_labels, aug, seed=config.seed, epoch=epoch,
-                batch_size=config.batch_size, weighted=False, use_bbox=config.use_bbox,
-                bbox_margin=config.bbox_margin, max_steps=config.max_steps_per_epoch,
-                drop_last=True, num_workers=config.num_workers,
-                prefetch=config.prefetch_batches, two_views=True)
-            it = pipeline.iterate(ds, iterator)
-            sums, t_epoch = {'loss': 0.0, 'positive_hits': 0.0, 'steps': 0}, time.time()
-            for batch in it:
-                t = time.time()
-                state, m = step_fn(state, {'image': batch['image'], 'image2': batch['image2']})
-                m = jax.device_get(m)
-                if int(state.step) == t0_step + 1:
-                    compile_s = time.time() - t
-                if not m['finite']:
-                    raise _nonfinite(int(state.step), epoch, mgr)
-                for k in ('loss', 'positive_hits'):
-                    sums[k] += float(m[k])
-                sums['steps'] += 1
-                step = int(state.step)
-                if stopper.received is not None or (stop_after_steps is not None
-                                                    and step >= stop_after_steps):
-                    save_checkpoint(mgr, state, {'epoch': epoch, 'iterator': it.get_state()})
-                    mgr.wait_until_finished()
-                    mgr.close()
-                    log(f'Stopped: saved a checkpoint at step {step} in {workdir}. Run the same '
-                        'command again to resume.')
-                    return {'interrupted': True, 'step': step}
-                if step % config.log_every_steps == 0:
-                    rate = _rate(started, compile_s, step - t0_step, config.batch_size)
-                    left = (config.num_epochs * steps_per_epoch - step) * config.batch_size
-                    log(f'  epoch {epoch + 1} step {step - epoch * steps_per_epoch}/'
-                        f'{steps_per_epoch} loss {sums["loss"] / sums["steps"]:.4f} '
-                        f'{rate:.1f} img/s, ETA {fmt_time(left / max(rate, 1e-9))}')
-            steps = max(sums['steps'], 1)     # 0: resumed at the very end of the epoch
-            loss, hits = sums['loss'] / steps, sums['positive_hits'] / steps
-            record = {'epoch': epoch + 1, 'step': int(state.step), 'loss': loss,
-                      'positive_hits': hits, 'lr': float(state.lr_schedule(state.step)),
-                      'epoch_time_s': time.time() - t_epoch}
-            with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            state, record, stopped = loop.epoch(state, epoch, iterator, stop_after_steps)
+            if stopped:
+                mgr.close()
+                return {'interrupted': True, 'step': int(state.step)}
             epoch, iterator = epoch + 1, None
-            save_checkpoint(mgr, state, {'epoch': epoch, 'iterator': None})
-            log(f'Pretrain epoch {epoch}/{config.num_epochs} | NT-Xent {loss:.4f} | positive '
-                f'found {hits:.1%} | {record["epoch_time_s"]:.1f}s')
     mgr.wait_until_finished()
     mgr.close()
-    seconds = time.time() - started
-    summary = {'epochs': epoch, 'steps': int(state.step), 'loss': loss, 'positive_hits': hits,
-               'seconds': seconds, 'images_seen': int(state.step) * config.batch_size}
-    write_json_atomic(os.path.join(workdir, PRETRAIN_MARKER), summary, indent=2)
+    summary = {'epochs': epoch, 'steps': int(state.step), 'loss': record.get('loss'),
+               'positive_hits': record.get('positive_hits'),
+               'seconds': time.time() - loop.started,
+               'images_seen': int(state.step) * config.batch_size}
+    write_json_atomic(marker, summary, indent=2)
     log(f'Pretraining done: start a supervised run from it with '
         f'--config.pretrained_backbone={workdir}')
     return summary
 
 
-def _rate(started: float, compile_s: float, steps: int, batch_size: int) -> float:
-    return steps * batch_size / max(time.time() - started - compile_s, 1e-9)
+def _resume_pretraining(mgr, state: TrainState, config: ml_collections.ConfigDict, workdir: str,
+                        log: Reporter) -> tuple[TrainState, int, Any]:
+    """(state, epoch, iterator position) of the latest checkpoint, or the fresh state (whose
+    config.json is written then)."""
+    if mgr.latest_step() is None:
+        write_json_atomic(os.path.join(workdir, 'config.json'), run_config_json(config),
+                          indent=2)
+        return state, 0, None
+    with open(os.path.join(workdir, 'config.json')) as f:
+        changed = incompatible_fields(json.load(f), config)
+    if changed:
+        raise ConfigError(f'{workdir} holds a pretraining with another config ('
+                          f'{"; ".join(changed)}); use its settings or a new --workdir.')
+    state, meta = restore_checkpoint(mgr, state)
+    log(f'Resumed the pretraining in {workdir} at step {int(state.step)} '
+        f'(epoch {meta["epoch"] + 1}).')
+    return state, meta['epoch'], meta['iterator']
+
+
+class _PretrainLoop:
+    """What the epochs of one pretraining share; `epoch` runs one (or its rest, resumed)."""
+
+    def __init__(self, config, workdir, data, log, mgr, steps_per_epoch, step_fn, first_step):
+        self.config, self.workdir, self.data, self.log, self.mgr = config, workdir, data, log, mgr
+        self.steps_per_epoch, self.step_fn, self.first_step = steps_per_epoch, step_fn, first_step
+        self.aug = AugmentConfig.from_config(config)
+        self.stopper, self.started, self.compile_s = StopSignal(), time.time(), 0.0
+
+    def epoch(self, state: TrainState, epoch: int, iterator: Any,
+              stop_after_steps: int | None) -> tuple[TrainState, dict, bool]:
+        """Returns the state, the epoch's metrics.jsonl record and whether it stopped early
+        (then a checkpoint with the iterator position is saved)."""
+        config = self.config
+        ds = pipeline.train_epoch_dataset(
+            self.data.train, self.data.train_labels, self.aug, seed=config.seed, epoch=epoch,
+            batch_size=config.batch_size, weighted=False, use_bbox=config.use_bbox,
+            bbox_margin=config.bbox_margin, max_steps=config.max_steps_per_epoch,
+            drop_last=True, num_workers=config.num_workers, prefetch=config.prefetch_batches,
+            two_views=True)
+        it = pipeline.iterate(ds, iterator)
+        sums, t_epoch = {'loss': 0.0, 'positive_hits': 0.0, 'steps': 0}, time.time()
+        for batch in it:
+            t = time.time()
+            state, m = self.step_fn(state, {'image': batch['image'], 'image2': batch['image2']})
+            m, step = jax.device_get(m), int(state.step)
+            if step == self.first_step + 1:
+                self.compile_s = time.time() - t
+            if not m['finite']:
+                raise _nonfinite(step, epoch, self.mgr)
+            for k in ('loss', 'positive_hits'):
+                sums[k] += float(m[k])
+            sums['steps'] += 1
+            if self.stopper.received is not None or (stop_after_steps is not None
+                                                     and step >= stop_after_steps):
+                save_checkpoint(self.mgr, state, {'epoch': epoch, 'iterator': it.get_state()})
+                self.mgr.wait_until_finished()
+                self.log(f'Stopped: saved a checkpoint at step {step} in {self.workdir}. Run '
+                         'the same command again to resume.')
+                return state, {}, True
+            if step % config.log_every_steps == 0:
+                self._progress(epoch, step, sums)
+        steps = max(sums['steps'], 1)     # 0: resumed at the very end of the epoch
+        record = {'epoch': epoch + 1, 'step': int(state.step), 'loss': sums['loss'] / steps,
+                  'positive_hits': sums['positive_hits'] / steps,
+                  'lr': float(state.lr_schedule(state.step)), 'steps': sums['steps'],
+                  'epoch_time_s': time.time() - t_epoch}
+        with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        save_checkpoint(self.mgr, state, {'epoch': epoch + 1, 'iterator': None})
+        self.log(f'Pretrain epoch {epoch + 1}/{config.num_epochs} | NT-Xent {record["loss"]:.4f} '
+                 f'| positive found {record["positive_hits"]:.1%} | '
+                 f'{record["epoch_time_s"]:.1f}s')
+        return state, record, False
+
+    def _progress(self, epoch: int, step: int, sums: dict) -> None:
+        config = self.config
+        rate = ((step - self.first_step) * config.batch_size
+                / max(time.time() - self.started - self.compile_s, 1e-9))
+        left = (config.num_epochs * self.steps_per_epoch - step) * config.batch_size
+        self.log(f'  epoch {epoch + 1} step {step - epoch * self.steps_per_epoch}/'
+                 f'{self.steps_per_epoch} loss {sums["loss"] / sums["steps"]:.4f} '
+                 f'{rate:.1f} img/s, ETA {fmt_time(left / max(rate, 1e-9))}')
 
 
 def _nonfinite(step: int, epoch: int, mgr) -> Exception:

@@ -94,6 +94,8 @@ def test_pretraining_resumes_on_the_same_trajectory_and_a_run_starts_from_it(dat
     assert summary['epochs'] == 2 and summary['steps'] == 4 and np.isfinite(summary['loss'])
     rows = [json.loads(l) for l in open(straight / 'metrics.jsonl')]
     assert [r['epoch'] for r in rows] == [1, 2]
+    assert pretrain(c, str(straight), quiet=True) == summary        # finished: said, not redone
+    assert 'holds a finished pretraining' in open(straight / 'log.txt').read()
     assert pretrain(c, str(split), stop_after_steps=3, quiet=True) == {'interrupted': True,
                                                                          'step': 3}
     pretrain(c, str(split), quiet=True)
