@@ -5,6 +5,7 @@
   python benchmarks/bench.py fused [--num_images=8144] [--image_size=224] [--epochs=70]
   python benchmarks/bench.py cpu [--sizes=64,128,224] [--settings=xla,auto,...] [--repeats=5]
   python benchmarks/bench.py convs [--image_size=64] [--batch_size=32] [--repeats=5]
+  python benchmarks/bench.py parts [--image_size=64] [--batch_size=32] [--repeats=10]
 
 (from the repository root; `python -m benchmarks.bench ...` is the same).
 
@@ -30,6 +31,9 @@ the numerics (a tiny net's losses over 20 steps against plain `lax.conv` float32
 `convs`: where the train step's time goes: each of the seed's convolutions at one input size,
 its forward, input-gradient and weight-gradient pass jitted alone, as `lax.conv` and as the
 im2col + matmul form, in ms and GFLOP/s (with the process's XLA_FLAGS).
+`parts`: the seed's train step in parts (forward in eval / train mode, forward + backward, the
+AdamW update, the whole step; no MixUp), jitted, against the same parts of the seed's eager
+PyTorch step measured in the same run.
 Each mode writes a JSON.
 """
 from __future__ import annotations
@@ -569,6 +573,38 @@ def print_convs_table(results: dict) -> None:
               + ' '.join(f'{c:>22s}' for c in cells))
 
 
+def run_parts(image_size: int, batch_size: int, repeats: int, *, num_classes: int = 196,
+              use_torch: bool = True, widths=SEED_WIDTHS, stage_sizes=SEED_STAGES) -> dict:
+    """`parts`: cars_jax's jitted train step in parts and, when torch imports, the seed's
+    eager PyTorch step in the same parts, in one process, one after the other."""
+    from benchmarks.cpu_settings import step_part_times
+    out = {'machine': machine(), 'image_size': image_size, 'batch_size': batch_size,
+           'repeats': repeats, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+           'jax': step_part_times(image_size, batch_size, repeats, num_classes,
+                                  stage_sizes, widths)}
+    torch = seed_torch.import_torch() if use_torch else None
+    if torch is not None:
+        out['torch_version'] = seed_torch.torch_version(torch)
+        out['pytorch'] = seed_torch.torch_step_parts(torch, image_size, batch_size, repeats,
+                                                     num_classes=num_classes,
+                                                     stage_sizes=stage_sizes, widths=widths)
+    return out
+
+
+def print_parts_table(r: dict) -> None:
+    print(f'The seed\'s train step in parts on {r["machine"]}, {r["image_size"]} px, batch '
+          f'{r["batch_size"]}, median of {r["repeats"]} (ms)')
+    has_torch = 'pytorch' in r
+    print(f'{"part":22s} {"cars_jax":>9s}' + (f' {"PyTorch":>9s} {"jax/torch":>9s}' if has_torch
+                                              else ''))
+    for part, ms in r['jax'].items():
+        line = f'{part:22s} {ms:9.1f}'
+        if has_torch:
+            theirs = r['pytorch'][part]
+            line += f' {theirs:9.1f} {ms / theirs:8.2f}x'
+        print(line)
+
+
 def print_fused_table(r: dict) -> None:
     print(f'Fused benchmark on {r["machine"]} ({r["backend"]}: {r["device"]}): '
           f'{r["num_images"]} train images cached at {r["cache_size"]} px -> {r["image_size"]} px, '
@@ -639,13 +675,13 @@ def print_table(results: dict) -> None:
         print('note:', n)
 
 
-MODES = ('loader', 'step', 'fused', 'cpu', 'convs')
+MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts')
 
 
 def main(argv) -> None:
     if len(argv) < 2 or argv[1] not in MODES:
-        raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused|cpu|convs '
-                             '[--flags]')
+        raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused|cpu|convs|'
+                             'parts [--flags]')
     arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
                 stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
     if argv[1] != 'cpu':   # the XLA:CPU defaults main.py runs with (cpu sets its own per child)
@@ -669,6 +705,10 @@ def main(argv) -> None:
                    'xla_flags': os.environ.get('XLA_FLAGS', ''),
                    'rows': conv_pass_times(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats)}
         print_convs_table(results)
+    elif argv[1] == 'parts':
+        results = run_parts(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats,
+                            num_classes=FLAGS.num_classes, use_torch=FLAGS.torch, **arch)
+        print_parts_table(results)
     elif argv[1] == 'cpu':
         from benchmarks.cpu_settings import SETTINGS
         results = run_cpu(_ints(FLAGS.sizes, ()), FLAGS.settings.split(',') if FLAGS.settings

@@ -176,5 +176,62 @@ def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> 
     return rows
 
 
+def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
+                    num_classes: int = 196, stage_sizes=None, widths=None) -> dict[str, float]:
+    """Median ms of the parts of the seed's jitted train step (no MixUp), each jitted alone with
+    the process's XLA_FLAGS: forward in eval and train mode, forward + backward (the loss's
+    value and gradients), the AdamW update, and the whole step; the same parts as
+    `seed_torch.torch_step_parts`."""
+    import statistics
+    import time
+
+    import jax
+    import numpy as np
+
+    from configs import base
+    from cars_jax.losses import mixed_loss
+    from cars_jax.steps import create_train_state, train_step
+
+    c = base.get_config()
+    c.image_size = image_size
+    if stage_sizes:
+        c.stage_sizes, c.widths = tuple(stage_sizes), tuple(widths)
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes, 255)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32)
+    y = rng.integers(0, num_classes, batch_size).astype(np.int32)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    key = jax.random.PRNGKey(1)
+
+    def loss(params, batch_stats):
+        logits, new = state.apply_fn({'params': params, 'batch_stats': batch_stats}, x,
+                                     train=True, mutable=['batch_stats'], rngs={'dropout': key})
+        return mixed_loss(logits, y, y, 1.0, 0.05).mean(), new
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    grads = grad_fn(state.params, state.batch_stats)[1]
+
+    def median_ms(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(times)
+
+    return {
+        'forward (eval)': median_ms(jax.jit(lambda v: state.apply_fn(v, x, train=False)),
+                                    variables),
+        'forward (train)': median_ms(jax.jit(lambda v: state.apply_fn(
+            v, x, train=True, mutable=['batch_stats'], rngs={'dropout': key})), variables),
+        'forward + backward': median_ms(grad_fn, state.params, state.batch_stats),
+        'optimizer (AdamW)': median_ms(jax.jit(lambda s, g: s.apply_gradients(grads=g)),
+                                       state, grads),
+        'whole train step': median_ms(jax.jit(lambda s: train_step(
+            s, {'image': x, 'label': y}, key, mixup_prob=0.0)), state),
+    }
+
+
 if __name__ == '__main__':
     _child(json.loads(sys.argv[1]))

@@ -195,6 +195,62 @@ def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, r
             'first_step_s': first_s, 'threads': threads}
 
 
+def torch_step_parts(torch: Any, image_size: int, batch_size: int, repeats: int, *,
+                     num_classes: int = 196, stage_sizes: Sequence[int] = SEED_STAGES,
+                     widths: Sequence[int] = SEED_WIDTHS) -> dict[str, float]:
+    """Median ms of the parts of the seed's train step (no MixUp), eager float32, all cores:
+    forward in eval mode (no_grad), forward in train mode, forward + backward (zero_grad,
+    criterion, backward), the AdamW step, and the whole step (`seed_train_step`)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_seed_resnet(torch, num_classes, stage_sizes, widths)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-3, total_steps=70 * 255, pct_start=0.1, anneal_strategy='cos',
+        cycle_momentum=False)
+    x = torch.from_numpy(rng.normal(size=(batch_size, 3, image_size, image_size))
+                         .astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))
+
+    def forward_eval():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    def forward_train():
+        model.train()
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward():
+        model.train()
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+
+    def whole():
+        model.train()
+        seed_train_step(torch, model, criterion, optimizer, scheduler, x, y, mix=False, alpha=0.4)
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(times)
+
+    parts = {'forward (eval)': median_ms(forward_eval),
+             'forward (train)': median_ms(forward_train),
+             'forward + backward': median_ms(forward_backward)}
+    forward_backward()                                   # gradients for the optimizer alone
+    parts['optimizer (AdamW)'] = median_ms(optimizer.step)
+    parts['whole train step'] = median_ms(whole)
+    return parts
+
+
 class SeedTransformDataset:
     """A map-style dataset (what torch's DataLoader indexes): decode one record with PIL and run
     the seed's train transforms on it, per item, as the notebook's ImageFolder + transforms.

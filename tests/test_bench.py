@@ -207,3 +207,16 @@ def test_importing_the_benchmark_defines_no_flags():
                            text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
         assert r.returncode != 0 and 'usage: python benchmarks/bench.py' in r.stderr + r.stdout
         assert 'Traceback' not in r.stderr
+
+
+def test_parts_give_the_same_parts_for_both_stacks(capsys):
+    r = bench.run_parts(16, 4, 2, num_classes=3, **TINY_NET)
+    parts = ['forward (eval)', 'forward (train)', 'forward + backward', 'optimizer (AdamW)',
+             'whole train step']
+    assert list(r['jax']) == parts and all(ms > 0 for ms in r['jax'].values())
+    assert ('pytorch' in r) == TORCH
+    if TORCH:
+        assert list(r['pytorch']) == parts and all(ms > 0 for ms in r['pytorch'].values())
+    bench.print_parts_table(r)
+    out = capsys.readouterr().out
+    assert 'whole train step' in out and ('jax/torch' in out) == TORCH
