@@ -136,26 +136,32 @@ def seed_conv_layers(image_size: int) -> list[tuple[str, int, int, int, int, int
     return layers
 
 
+def call_times_ms(fn, args: tuple, repeats: int) -> list[float]:
+    """Milliseconds of `repeats` calls of a jitted `fn(*args)`, after one call that compiles
+    (each call waited for: JAX dispatches asynchronously)."""
+    import time
+
+    import jax
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(1e3 * (time.perf_counter() - t))
+    return times
+
+
 def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> list[dict]:
     """Milliseconds (best of `repeats`) of the forward, input-gradient and weight-gradient pass
     of each seed conv (`seed_conv_layers`), as `lax.conv` ('xla') and as im2col + matmul
     ('matmul'), each pass jitted alone, float32, with the forward's GFLOP."""
-    import time
-
     import jax
     import jax.numpy as jnp
 
     from cars_jax.model import conv_matmul, conv_output_size, conv_xla
 
     def best_ms(fn, *args) -> float:
-        fn = jax.jit(fn)
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t)
-        return 1e3 * min(times)
+        return min(call_times_ms(jax.jit(fn), args, repeats))
 
     rows = []
     for name, side, cin, cout, k, stride, pad in seed_conv_layers(image_size):
@@ -183,7 +189,6 @@ def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
     value and gradients), the AdamW update, and the whole step; the same parts as
     `seed_torch.torch_step_parts`."""
     import statistics
-    import time
 
     import jax
     import numpy as np
@@ -212,13 +217,7 @@ def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
     grads = grad_fn(state.params, state.batch_stats)[1]
 
     def median_ms(fn, *args) -> float:
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t)
-        return 1e3 * statistics.median(times)
+        return statistics.median(call_times_ms(fn, args, repeats))
 
     return {
         'forward (eval)': median_ms(jax.jit(lambda v: state.apply_fn(v, x, train=False)),
