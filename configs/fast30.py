@@ -10,7 +10,8 @@ late, plus a real weight decay:
     loss rises from epoch ~11 while accuracy still improves, so the seed's val-loss rule would
     stop too early;
   - patience 30: the full one-cycle schedule runs.
-Measured (docs/experiments.md, seed 0): 11.2% top-1 / 25.1% top-5 (epoch 24), against the
+Measured (docs/experiments.md): 11.5 +- 1.0% top-1 / 26.2 +- 2.5% top-5 over seeds 0-2 (the
+first run, seed 0 with earlier CPU kernels: 11.2% / 25.1%), against the
 seed's recipe's 7.2%; the 2x target (14.4%) is not met.
 """
 from configs import fast
