@@ -27,30 +27,34 @@ def checkpoint_managers(workdir: str, best_metric: str = 'val_loss'
     Orbax would keep an older checkpoint over a newer, "improved" one)."""
     if best_metric not in ('val_loss', 'val_accuracy'):
         raise ValueError(f'best_metric must be val_loss or val_accuracy, got {best_metric!r}')
-    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    # Multi-process: both managers save the same step at the end of an epoch, and Orbax's
-    # cross-process barriers are named by step; a prefix per manager keeps them apart.
-    mp = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
     latest = latest_manager(workdir)
     best = ocp.CheckpointManager(
-        os.path.join(root, 'best'), item_handlers=_handlers(),
+        _manager_dir(workdir, 'best'), item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[best_metric],
             best_mode='min' if best_metric == 'val_loss' else 'max',
             keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True,
-            multiprocessing_options=mp('best')))
+            multiprocessing_options=_barrier_prefix('best')))
     return latest, best
 
 
 def latest_manager(workdir: str) -> ocp.CheckpointManager:
     """workdir/checkpoints/latest: the 2 newest checkpoints, to resume from."""
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints', 'latest'),
-        item_handlers=_handlers(),
+        _manager_dir(workdir, 'latest'), item_handlers=_handlers(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=2, create=True, cleanup_tmp_directories=True,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix='latest')))
+            multiprocessing_options=_barrier_prefix('latest')))
+
+
+def _manager_dir(workdir: str, name: str) -> str:
+    return os.path.join(os.path.abspath(workdir), 'checkpoints', name)
+
+
+def _barrier_prefix(name: str) -> ocp.options.MultiprocessingOptions:
+    # Multi-process: both managers save the same step at the end of an epoch, and Orbax's
+    # cross-process barriers are named by step; a prefix per manager keeps them apart.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
 def _handlers() -> dict:

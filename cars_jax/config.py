@@ -223,15 +223,22 @@ def check_same_split(theirs: ml_collections.ConfigDict, config: ml_collections.C
                      holdout: bool, flag: str) -> None:
     """ConfigError naming the first split field in which `theirs` (the config of the run
     named by --config.`flag`) differs from `config`."""
-    for k in _SPLIT_SOURCE + (_HOLDOUT if holdout else ()):
-        a, b = theirs[k], config[k]
+    check_same_fields(theirs, config, _SPLIT_SOURCE + (_HOLDOUT if holdout else ()), flag,
+                      'it saw the train images of its split, which must not be this run\'s '
+                      'validation or test images; use the same split')
+
+
+def check_same_fields(theirs: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                      fields: tuple[str, ...], flag: str, why: str) -> None:
+    """ConfigError naming the first of `fields` in which `theirs` (the config of the run named
+    by --config.`flag`) differs from `config` (folders compared by their real path)."""
+    for k in fields:
+        a, b = _norm(theirs[k]), _norm(config[k])
         if k == 'data_dir':
             a, b = (os.path.realpath(v) if v else v for v in (a, b))
         if a != b:
             raise ConfigError(f'--config.{flag}={config[flag]!r} was trained with {k}={theirs[k]!r}, '
-                              f'this run has {config[k]!r}: it saw the train images of its split, '
-                              'which must not be this run\'s validation or test images; use the '
-                              'same split.')
+                              f'this run has {config[k]!r}: {why}.')
 
 
 def incompatible_fields(saved: dict, current: ml_collections.ConfigDict) -> list[str]:

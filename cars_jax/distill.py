@@ -13,7 +13,6 @@ import ml_collections
 
 from cars_jax.config import ConfigError, check_same_split
 from cars_jax.evaluate import load_class_names, load_run_config, restore_best_state
-from cars_jax.model import build_model
 from cars_jax.steps import inference_variables
 
 
@@ -30,4 +29,4 @@ def load_teacher(config: ml_collections.ConfigDict, class_names: list[str],
                           f'({", ".join(class_names[:3])}, ...): a teacher needs the same classes.')
     check_same_split(theirs, config, holdout, 'distill_from')
     state, _ = restore_best_state(workdir, theirs, len(names))
-    return inference_variables(state), build_model(theirs, len(names)).apply
+    return inference_variables(state), state.apply_fn

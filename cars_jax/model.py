@@ -405,7 +405,7 @@ def build_model(config, num_classes: int) -> ResNet:
     )
 
 
-def init_variables(model: ResNet, rng: jax.Array, image_size: int) -> dict:
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
     """{'params', 'batch_stats'} from a jit'd init on a (1, S, S, 3) dummy batch.
 
     On CPU the init is compiled with XLA's backend optimisation off: flax derives one key per

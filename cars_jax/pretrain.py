@@ -24,15 +24,15 @@ import ml_collections
 import optax
 
 from cars_jax.checkpoints import latest_manager, restore_checkpoint, save_checkpoint
-from cars_jax.config import (ConfigError, check_same_split, incompatible_fields, read_run_config,
-                             run_config_json, validate_config)
+from cars_jax.config import (ConfigError, check_same_fields, check_same_split, incompatible_fields,
+                             read_run_config, run_config_json, validate_config)
 from cars_jax.console import Reporter, StopSignal, fmt_time
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.dataset import build_data
 from cars_jax.fileio import write_json_atomic
 from cars_jax.losses import nt_xent_loss
-from cars_jax.model import ContrastiveNet, build_model
+from cars_jax.model import ContrastiveNet, build_model, init_variables
 from cars_jax.optim import make_optimizer
 from cars_jax.steps import TrainState, keep_if_finite
 
@@ -49,8 +49,7 @@ def create_pretrain_state(config: ml_collections.ConfigDict, rng: jax.Array,
     backbone = build_model(config, num_classes=1)          # no classifier is built
     model = ContrastiveNet(backbone, hidden_dim=int(config.widths[-1]),
                            projection_dim=int(config.ssl_projection_dim))
-    dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+    variables = init_variables(model, rng, config.image_size)
     tx, schedule = make_optimizer(config, steps_per_epoch)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule)
@@ -110,12 +109,8 @@ def load_pretrained_backbone(state: TrainState, config: ml_collections.ConfigDic
                           'pretraining run (no pretrain.json); run python main.py '
                           f'--mode=pretrain --workdir={workdir} first.')
     theirs = read_run_config(os.path.join(workdir, 'config.json'))
-    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-    for k in _SAME_ARCHITECTURE:
-        if norm(theirs[k]) != norm(config[k]):
-            raise ConfigError(f'--config.pretrained_backbone={workdir!r} was pretrained with '
-                              f'{k}={theirs[k]!r}, this run has {config[k]!r}: the backbone\'s '
-                              'shapes must match.')
+    check_same_fields(theirs, config, _SAME_ARCHITECTURE, 'pretrained_backbone',
+                      'the backbone\'s shapes must match')
     check_same_split(theirs, config, holdout, 'pretrained_backbone')
     mgr = latest_manager(workdir)
     try:
