@@ -53,3 +53,14 @@ def save_figure_atomic(fig: Any, path: str, dpi: int, fmt: str | None = None) ->
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
     finally:
         plt.close(fig)
+
+
+def ensure_writable_dir(folder: str) -> None:
+    """Creates `folder` and proves it writable by writing a probe file (os.access lies for
+    root); raises OSError otherwise. The probe's name is unique per process and host: every
+    process of a multi-process run probes the same shared folder at once."""
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f'.write_test{os.getpid()}.{secrets.token_hex(4)}')
+    with open(probe, 'w') as f:
+        f.write('ok')
+    os.remove(probe)

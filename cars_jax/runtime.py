@@ -23,6 +23,8 @@ import re
 import sys
 from importlib import metadata
 
+from cars_jax.fileio import ensure_writable_dir
+
 OFF = 'off'
 YNN_FUSION_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 YNN_FUSION_TYPES = '-individual_convolution'   # jaxlib's default list without it
@@ -82,11 +84,7 @@ def enable_compilation_cache(setting: str = 'auto') -> str | None:
     if path is None:
         return None
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f'.write_test_{os.getpid()}')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
+        ensure_writable_dir(path)
     except OSError:
         return None
     jax.config.update('jax_compilation_cache_dir', path)

@@ -41,7 +41,7 @@ from cars_jax.data.dataset import DataBundle, build_data
 from cars_jax.data.sources import format_skipped
 from cars_jax.checkpoints import checkpoint_managers, restore_checkpoint, save_checkpoint
 from cars_jax.evaluate import evaluate, full_report
-from cars_jax.fileio import atomic_write_text, write_json_atomic
+from cars_jax.fileio import atomic_write_text, ensure_writable_dir, write_json_atomic
 from cars_jax.mixup import mixing_mode
 from cars_jax.plots import plot_curves
 from cars_jax.pretrain import load_pretrained_backbone
@@ -639,10 +639,7 @@ def _make_workdir(workdir: str) -> list[str]:
         made.append(d)
         d = os.path.dirname(d)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, '.write_test'), 'w') as f:  # os.access lies for root
-            f.write('ok')
-        os.remove(os.path.join(workdir, '.write_test'))
+        ensure_writable_dir(workdir)
     except OSError as e:
         raise TrainingError(f'cannot write the run directory --workdir={workdir} ({e.strerror}: '
                             f'{e.filename}); pass a writable --workdir.') from e
