@@ -32,9 +32,10 @@ _NON_NEGATIVE_INT = ('num_workers', 'prefetch_batches', 'patience', 'checkpoint_
                      'max_steps_per_epoch', 'num_classes', 'bbox_margin', 'cache_size',
                      'progressive_min_size', 'progressive_start_epoch', 'progressive_end_epoch')
 _POSITIVE_FLOAT = ('learning_rate', 'div_factor', 'final_div_factor', 'adam_eps', 'ssl_temperature',
-                   'distill_temperature')
+                   'distill_temperature', 'cskd_temperature')
 _NON_NEGATIVE_FLOAT = ('weight_decay', 'rotation_degrees', 'brightness', 'contrast', 'saturation',
-                       'translate', 'shear_degrees', 'mixup_alpha', 'min_delta', 'cosine_ce_weight')
+                       'translate', 'shear_degrees', 'mixup_alpha', 'min_delta', 'cosine_ce_weight',
+                       'cskd_weight')
 _PROBABILITY = ('hflip_prob', 'grayscale_prob', 'erasing_prob', 'mixup_prob', 'adam_b1', 'adam_b2',
                 'momentum', 'distill_weight')
 _RANGES = ('rrc_scale', 'rrc_ratio', 'blur_sigma', 'erasing_scale', 'erasing_ratio')
@@ -163,7 +164,7 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'drop_last_batch', 'progressive_min_size', 'progressive_start_epoch',
                'progressive_end_epoch', 'progressive_multiple', 'pretrained_backbone',
                'ssl_temperature', 'ssl_projection_dim', 'distill_from', 'distill_weight',
-               'distill_temperature', 'blur_pool')
+               'distill_temperature', 'blur_pool', 'cskd_weight', 'cskd_temperature')
 
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
@@ -171,7 +172,7 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
 # The format of the config.json each run writes (key 'config_format'). A field added to
 # configs/base.py after a format was released raises the version, and `_ADDED_AFTER` says what
 # the runs of the older format ran with: the rest of the package reads plain fields.
-CONFIG_FORMAT = 3
+CONFIG_FORMAT = 4
 # format -> {field: value} for the fields the next format added. Format 1 is a config.json
 # without 'config_format' (drop_last_batch: those runs dropped each epoch's last partial batch).
 _ADDED_AFTER = {
@@ -184,6 +185,7 @@ _ADDED_AFTER = {
         'progressive_multiple': 8, 'pretrained_backbone': '', 'ssl_temperature': 0.2,
         'ssl_projection_dim': 128, 'distill_from': '', 'distill_weight': 0.5,
         'distill_temperature': 4.0, 'blur_pool': False},
+    3: {'cskd_weight': 0.0, 'cskd_temperature': 4.0},
 }
 
 

@@ -93,13 +93,22 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
                cutmix_share: float = 0.5, loss: str = 'cross_entropy',
                cosine_ce_weight: float = 0.1, teacher: Any = None,
                teacher_apply: Callable | None = None, distill_weight: float = 0.5,
-               distill_temperature: float = 4.0) -> tuple[TrainState, Metrics]:
+               distill_temperature: float = 4.0, cskd_weight: float = 0.0,
+               cskd_temperature: float = 4.0) -> tuple[TrainState, Metrics]:
     """One optimiser step. Defaults are the seed's values (cutmix_alpha 0: MixUp only; the
     label-smoothed cross-entropy; `loss='cosine'`: see `losses.mixed_loss`).
 
     Distillation (not the seed): with `teacher` variables and their `teacher_apply`, the loss
     is (1 - distill_weight) x the above + distill_weight x `losses.distillation_loss` against
     the teacher's logits on the same (mixed) images, in inference mode.
+
+    Class-wise self-knowledge distillation (CS-KD, Yun et al. 2020; not the seed): with
+    `cskd_weight` > 0 the batch also holds 'pair_image', another image of each one's class;
+    the loss adds cskd_weight x `losses.distillation_loss` against the network's own logits on
+    those (the current weights, train-mode BN on the pair batch, no gradient; their BN
+    statistics are not kept). A MixUp/CutMix batch mixes the pair images with the same key
+    (the same coin, lam and partners), so a mixed image's target is the prediction on the
+    same mixture of its classes' other images.
 
     A non-finite loss or gradient leaves the state unchanged and reports `finite=0`, so a
     NaN can never reach parameters or checkpoints; the caller decides to stop.
@@ -111,6 +120,17 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
                                                 mixup_alpha, mixup_prob, cutmix_alpha,
                                                 cutmix_share)
     teacher_logits = None if teacher is None else teacher_apply(teacher, images, train=False)
+    pair_logits = None
+    if cskd_weight > 0:
+        if 'pair_image' not in batch:
+            raise ValueError("cskd_weight > 0 needs batches with 'pair_image' (the loaders' "
+                             'partners=True)')
+        pair_images = mix_batch(mix_rng, batch['pair_image'], batch['label'], mixup_alpha,
+                                mixup_prob, cutmix_alpha, cutmix_share)[0]
+        pair_logits, _ = state.apply_fn(
+            {'params': state.params, 'batch_stats': state.batch_stats}, pair_images,
+            train=True, rngs={'dropout': jax.random.fold_in(dropout_rng, 1)},
+            mutable=['batch_stats'])
 
     def loss_fn(params):
         logits, new_model_state = state.apply_fn(
@@ -121,6 +141,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
         if teacher_logits is not None:
             kd = distillation_loss(logits, teacher_logits, distill_temperature).mean()
             value = (1.0 - distill_weight) * value + distill_weight * kd
+        if pair_logits is not None:
+            value = value + cskd_weight * distillation_loss(logits, pair_logits,
+                                                            cskd_temperature).mean()
         return value, (logits, new_model_state)
 
     (value, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -164,7 +187,11 @@ def augment_cached_batch(batch: Batch, key: jax.Array, aug: AugmentConfig) -> Ba
     through the seed's random train transform on the device (`device_augment.py`), drawn from
     `key`: the float {'image', 'label'} batch that `train_step` takes."""
     params = sample_device_params(key, batch['orig_hw'], aug)
-    return {'image': augment_batch(batch['image'], params, aug), 'label': batch['label']}
+    out = {'image': augment_batch(batch['image'], params, aug), 'label': batch['label']}
+    if 'pair_image' in batch:                     # CS-KD partners: their own draws
+        pair = sample_device_params(jax.random.fold_in(key, 1), batch['pair_orig_hw'], aug)
+        out['pair_image'] = augment_batch(batch['pair_image'], pair, aug)
+    return out
 
 
 def train_step_cached(state: TrainState, batch: Batch, rng: jax.Array, *, aug: AugmentConfig,
@@ -235,12 +262,16 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     (`train_step_cached`); its static `image_size` argument is the augmentation's output size
     when it is not device_aug's (progressive resizing; each size compiles once). With
     `teacher_apply` (distillation) the train step takes the teacher's variables as its 4th
-    argument: `train_fn(state, batch, rng, teacher)`.
+    argument: `train_fn(state, batch, rng, teacher)`. With config.cskd_weight > 0 (CS-KD) the
+    batches carry 'pair_image' (and, on the device path, 'pair_orig_hw').
     """
     kw = mix_hyperparameters(config)
     if teacher_apply is not None:
         kw.update(teacher_apply=teacher_apply, distill_weight=float(config.distill_weight),
                   distill_temperature=float(config.distill_temperature))
+    if config.cskd_weight > 0:
+        kw.update(cskd_weight=float(config.cskd_weight),
+                  cskd_temperature=float(config.cskd_temperature))
 
     def train_fn(s, b, r, teacher=None, image_size=None):
         if device_aug is None:

@@ -191,6 +191,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
         teacher = replicate(teacher, mesh) if jax.process_count() > 1 else teacher
         log(f'Distillation from the best checkpoint of {config.distill_from} (weight '
             f'{config.distill_weight}, temperature {config.distill_temperature}).')
+    if config.cskd_weight > 0:
+        log(f'Class-wise self-distillation (CS-KD): each image also fits the net\'s prediction '
+            f'on another image of its class (weight {config.cskd_weight}, temperature '
+            f'{config.cskd_temperature}; one more forward pass per step).')
     train_fn, eval_fn = make_steps(config, mesh, device_aug=aug if on_device else None,
                                    teacher_apply=teacher_apply)
     latest_mgr, best_mgr = checkpoint_managers(workdir, config.early_stopping_metric)
@@ -271,6 +275,8 @@ def _train_epoch(run: _Run, state: TrainState, progress: Progress, tb, stopper: 
     mid-epoch). Returns the state, the epoch's meter and whether a stop was asked for."""
     config, epoch, steps_per_epoch = run.config, progress.epoch, run.steps_per_epoch
     step_keys = ('image', 'orig_hw', 'label') if run.cache is not None else ('image', 'label')
+    if config.cskd_weight > 0:
+        step_keys += ('pair_image', 'pair_orig_hw') if run.cache is not None else ('pair_image',)
     size = train_image_size(config, epoch)
     if config.progressive_min_size and (epoch == 0 or train_image_size(config, epoch - 1) != size):
         run.log(f'  from epoch {epoch + 1} the train images are {size} px (progressive '
@@ -362,7 +368,7 @@ def _epoch_dataset(run: _Run, epoch: int, size: int):
             run.cache.images, run.cache.orig_hw, run.data.train_labels, seed=config.seed,
             epoch=epoch, batch_size=config.batch_size, weighted=config.weighted_sampling,
             max_steps=config.max_steps_per_epoch, drop_last=drop_last, num_devices=devices,
-            prefetch=config.prefetch_batches, shard=shard)
+            prefetch=config.prefetch_batches, shard=shard, partners=config.cskd_weight > 0)
     aug = run.aug if size == run.aug.image_size else dataclasses.replace(run.aug, image_size=size)
     return pipeline.train_epoch_dataset(
         run.data.train, run.data.train_labels, aug, seed=config.seed, epoch=epoch,
@@ -370,7 +376,7 @@ def _epoch_dataset(run: _Run, epoch: int, size: int):
         use_bbox=config.use_bbox, bbox_margin=config.bbox_margin,
         max_steps=config.max_steps_per_epoch, drop_last=drop_last, num_devices=devices,
         num_workers=config.num_workers,
-        prefetch=config.prefetch_batches, shard=shard)
+        prefetch=config.prefetch_batches, shard=shard, partners=config.cskd_weight > 0)
 
 
 def _save_on_stop(run: _Run, state: TrainState, progress: Progress, signum: int | None) -> None:

@@ -113,6 +113,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill_from = ''            # the teacher's workdir ('' : none)
     c.distill_weight = 0.5
     c.distill_temperature = 4.0
+    # Class-wise self-knowledge distillation (CS-KD, Yun et al. 2020; not the seed): each image
+    # also fits the net's own softened prediction on another train image of its class (no
+    # gradient through that one): the loss above + w x T^2 KL. Costs one more forward pass.
+    c.cskd_weight = 0.0            # 0: off; the paper's value for fine-grained sets is 3
+    c.cskd_temperature = 4.0
 
     # ---- self-supervised pretraining (--mode=pretrain: SimCLR on the train images) ------------
     c.ssl_temperature = 0.2        # NT-Xent temperature (SimCLR: 0.1-0.5; 0.2 at small batches)

@@ -195,3 +195,14 @@ def test_a_format_2_run_resumes_without_progressive_resizing():
     assert incompatible_fields(saved, _cfg()) == []
     assert incompatible_fields(saved, _cfg(progressive_min_size=32)) == [
         'progressive_min_size: checkpoint has 0, now 32']
+
+
+def test_a_format_3_run_resumes_without_cskd():
+    """Format 3 (before CS-KD) trained without the class-wise self-distillation term."""
+    import json
+    saved = {'config_format': 3, **json.loads(demo.get_config().to_json())}
+    for k in [k for k in saved if k.startswith('cskd_')]:
+        del saved[k]
+    assert incompatible_fields(saved, _cfg()) == []
+    assert incompatible_fields(saved, _cfg(cskd_weight=3.0)) == [
+        'cskd_weight: checkpoint has 0.0, now 3.0']

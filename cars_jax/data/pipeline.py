@@ -44,6 +44,26 @@ def epoch_indices(labels: np.ndarray, seed: int, epoch: int, weighted: bool = Tr
     return rng.permutation(n)
 
 
+def same_class_partners(labels: np.ndarray, indices: np.ndarray, seed: int,
+                        epoch: int) -> np.ndarray:
+    """For each drawn record index, another record of the same class, uniformly at random
+    (itself only when it is alone in its class), deterministic from (seed, epoch): the pairs
+    of class-wise self-knowledge distillation (CS-KD's PairBatchSampler draws from the whole
+    class, itself included; here never itself, so every pair is two different photos)."""
+    labels, indices = np.asarray(labels), np.asarray(indices)
+    rng = np.random.default_rng([seed, epoch, 0xC5D])
+    by_class = np.argsort(labels, kind='stable')            # records grouped by class
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.empty(len(labels), np.int64)                  # each record's place in its class
+    slot[by_class] = np.arange(len(labels)) - starts[labels[by_class]]
+    cls, own = labels[indices], slot[indices]
+    size = counts[cls]
+    draw = (rng.random(len(indices)) * np.maximum(size - 1, 1)).astype(np.int64)
+    draw = np.where(size > 1, draw + (draw >= own), own)     # skip over itself
+    return by_class[starts[cls] + draw]
+
+
 def _decode_or_substitute(records: Sequence[Record], index: int, use_bbox: bool,
                           margin: int) -> tuple[int, np.ndarray]:
     """Decodes a record; if it became unreadable since the start-up scan, logs it and uses the
@@ -74,7 +94,8 @@ class TrainMap(grain.transforms.Map):
     two_views: bool = False   # also 'image2': a second, independent augmentation (SimCLR)
 
     def map(self, element: np.ndarray) -> dict:
-        position, record = (int(v) for v in element)
+        """element: (position, record) or, with CS-KD pairs, (position, record, partner)."""
+        position, record = int(element[0]), int(element[1])
         rng = np.random.default_rng([self.seed, self.epoch, 0xA06, position])
         index, image = _decode_or_substitute(self.records, record, self.use_bbox,
                                              self.bbox_margin)
@@ -84,6 +105,13 @@ class TrainMap(grain.transforms.Map):
         if self.two_views:
             rng2 = np.random.default_rng([self.seed, self.epoch, 0xA06, position, 2])
             out['image2'] = train_transform(image, rng2, self.aug)
+        if len(element) > 2:
+            # a partner that became unreadable is replaced by the next readable record (which
+            # may be of another class: rare, logged, and only weakens that one image's target)
+            _, partner = _decode_or_substitute(self.records, int(element[2]), self.use_bbox,
+                                               self.bbox_margin)
+            rng3 = np.random.default_rng([self.seed, self.epoch, 0xA06, position, 3])
+            out['pair_image'] = train_transform(partner, rng3, self.aug)
         return out
 
 
@@ -156,16 +184,21 @@ def train_epoch_dataset(records: Sequence[Record], labels: np.ndarray, aug: Augm
                         drop_last: bool = False, num_devices: int = 1,
                         num_workers: int = 0, prefetch: int = 4,
                         shard: tuple[int, int] = (0, 1),
-                        two_views: bool = False) -> grain.IterDataset:
+                        two_views: bool = False, partners: bool = False) -> grain.IterDataset:
     """The train batches of one epoch (`epoch_batch_sizes`: full batches and, unless
     drop_last, one last partial batch; the train step compiles once more for its shape).
     shard=(process_index, process_count): this process's rows of each global batch.
-    two_views: each image twice, independently augmented ('image', 'image2'; SimCLR)."""
+    two_views: each image twice, independently augmented ('image', 'image2'; SimCLR).
+    partners: also 'pair_image', another image of each one's class (`same_class_partners`;
+    CS-KD)."""
     rows = _epoch_rows(len(records), batch_size, max_steps, drop_last, num_devices)
     indices = epoch_indices(labels, seed, epoch, weighted)[:rows]
-    # The source is (position in the epoch, record index) rows; the map holds the records,
-    # decodes by index and draws the augmentation from the position.
-    elements = np.stack([np.arange(len(indices)), indices], axis=1)
+    # The source is (position in the epoch, record index[, partner index]) rows; the map holds
+    # the records, decodes by index and draws the augmentation from the position.
+    columns = [np.arange(len(indices)), indices]
+    if partners:
+        columns.append(same_class_partners(labels, indices, seed, epoch))
+    elements = np.stack(columns, axis=1)
     elements = elements[shard_rows(np.arange(len(indices)), batch_size, *shard)]
     batch_size //= shard[1]
     ds = (grain.MapDataset.source(elements)
@@ -195,32 +228,44 @@ def eval_dataset(records: Sequence[Record], aug: AugmentConfig, *, batch_size: i
 @dataclasses.dataclass(frozen=True)
 class GatherCached(grain.transforms.Map):
     """A batch of indices -> the cached uint8 images (one fancy-index copy per batch), their
-    original sizes and labels. Augmentation happens later, on the device."""
+    original sizes and labels. Augmentation happens later, on the device. A batch of
+    (index, partner) rows also gives the partners' 'pair_image' and 'pair_orig_hw' (CS-KD)."""
     images: np.ndarray
     orig_hw: np.ndarray
     labels: np.ndarray
 
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        idx = np.sort(rows)                       # sorted reads are kinder to a memmap
+        return np.asarray(self.images[idx])[np.argsort(np.argsort(rows))]
+
     def map(self, element: np.ndarray) -> dict:
-        idx = np.sort(np.asarray(element))        # sorted reads are kinder to a memmap
-        order = np.argsort(np.argsort(np.asarray(element)))
-        return {'image': np.asarray(self.images[idx])[order],
-                'orig_hw': self.orig_hw[element].astype(np.int32),
-                'label': np.asarray(self.labels)[element].astype(np.int32),
-                'index': np.asarray(element, np.int32)}
+        element = np.asarray(element)
+        rows = element[:, 0] if element.ndim == 2 else element
+        out = {'image': self._gather(rows),
+               'orig_hw': self.orig_hw[rows].astype(np.int32),
+               'label': np.asarray(self.labels)[rows].astype(np.int32),
+               'index': rows.astype(np.int32)}
+        if element.ndim == 2:
+            out['pair_image'] = self._gather(element[:, 1])
+            out['pair_orig_hw'] = self.orig_hw[element[:, 1]].astype(np.int32)
+        return out
 
 
 def cached_train_epoch_dataset(images: np.ndarray, orig_hw: np.ndarray, labels: np.ndarray, *,
                                seed: int, epoch: int, batch_size: int, weighted: bool = True,
                                max_steps: int = 0, drop_last: bool = False,
                                num_devices: int = 1, prefetch: int = 4,
-                               shard: tuple[int, int] = (0, 1)) -> grain.IterDataset:
+                               shard: tuple[int, int] = (0, 1),
+                               partners: bool = False) -> grain.IterDataset:
     """The train batches of one epoch from a decode-once cache (`cache.build_cache`): the same
     indices as `train_epoch_dataset`, un-augmented uint8 images + orig_hw for the device path.
-    The host only copies memory, so in-process threads are enough."""
+    The host only copies memory, so in-process threads are enough. partners: as there."""
     labels = np.asarray(labels)
     rows = _epoch_rows(len(labels), batch_size, max_steps, drop_last, num_devices)
     indices = epoch_indices(labels, seed, epoch, weighted)[:rows]
-    indices = shard_rows(indices, batch_size, *shard)
+    if partners:
+        indices = np.stack([indices, same_class_partners(labels, indices, seed, epoch)], axis=1)
+    indices = indices[shard_rows(np.arange(len(indices)), batch_size, *shard)]
     batch_size //= shard[1]
     ds = (grain.MapDataset.source(indices)
           .batch(batch_size, drop_remainder=False)
