@@ -25,6 +25,7 @@ _CHOICES = {
     'optimizer': ('adamw', 'sgd'),
     'early_stopping_metric': ('val_loss', 'val_accuracy'),
     'loss': ('cross_entropy', 'cosine'),
+    'stem': ('conv7', 'space_to_depth'),
 }
 _POSITIVE_INT = ('batch_size', 'num_epochs', 'image_size', 'blur_kernel', 'log_every_steps',
                  'progressive_multiple', 'ssl_projection_dim')
@@ -128,18 +129,28 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_image_size(config: ml_collections.ConfigDict) -> None:
-    """The last stage must see a map of at least 2x2 (see model.min_image_size)."""
+    """The last stage must see a map of at least 2x2 (see model.min_image_size); the
+    space-to-depth stem takes sides that are multiples of its block."""
     stages, pool, smallest = _smallest_image_size(config)
     if config.image_size < smallest:
         _fail('image_size', config.image_size,
               f'the last stage (stage{stages}) would see a single pixel; with {stages} stages '
               f'and stem_pool={pool} the smallest is {smallest} px')
+    block = _stem_block(config)
+    if config.image_size % block:
+        _fail('image_size', config.image_size, f'must be a multiple of {block} with '
+              f'stem=space_to_depth and stem_pool={pool} (the stem folds {block}x{block} blocks)')
+
+
+def _stem_block(config: ml_collections.ConfigDict) -> int:
+    from cars_jax.model import stem_block   # model imports this module
+    return stem_block(config.stem, config.stem_pool)
 
 
 def _smallest_image_size(config: ml_collections.ConfigDict) -> tuple[int, bool, int]:
     from cars_jax.model import min_image_size   # model imports this module
     stages, pool = len(config.stage_sizes), config.stem_pool
-    return stages, pool, min_image_size(stages, pool)
+    return stages, pool, min_image_size(stages, pool, config.stem)
 
 
 def _check_progressive(config: ml_collections.ConfigDict) -> None:
@@ -151,6 +162,11 @@ def _check_progressive(config: ml_collections.ConfigDict) -> None:
     if not smallest <= low <= config.image_size:
         _fail('progressive_min_size', low, f'must be 0 (off) or in [{smallest}, image_size='
               f'{config.image_size}] ({smallest}: the smallest input of this net)')
+    block = _stem_block(config)
+    if low % block or config.progressive_multiple % block:
+        _fail('progressive_min_size', low, f'and progressive_multiple '
+              f'({config.progressive_multiple}) must be multiples of {block} with '
+              f'stem=space_to_depth (every train size must be)')
     start, end = config.progressive_start_epoch, config.progressive_end_epoch
     if not start <= end <= config.num_epochs:
         _fail('progressive_end_epoch', end, f'needs progressive_start_epoch ({start}) <= '
@@ -164,7 +180,7 @@ _STRUCTURAL = ('stage_sizes', 'widths', 'num_classes', 'data_source', 'data_dir'
                'drop_last_batch', 'progressive_min_size', 'progressive_start_epoch',
                'progressive_end_epoch', 'progressive_multiple', 'pretrained_backbone',
                'ssl_temperature', 'ssl_projection_dim', 'distill_from', 'distill_weight',
-               'distill_temperature', 'blur_pool', 'cskd_weight', 'cskd_temperature')
+               'distill_temperature', 'blur_pool', 'cskd_weight', 'cskd_temperature', 'stem')
 
 
 # ---- a run's config.json: its format version and the one migration from older formats ----
@@ -185,7 +201,7 @@ _ADDED_AFTER = {
         'progressive_multiple': 8, 'pretrained_backbone': '', 'ssl_temperature': 0.2,
         'ssl_projection_dim': 128, 'distill_from': '', 'distill_weight': 0.5,
         'distill_temperature': 4.0, 'blur_pool': False},
-    3: {'cskd_weight': 0.0, 'cskd_temperature': 4.0},
+    3: {'cskd_weight': 0.0, 'cskd_temperature': 4.0, 'stem': 'conv7'},
 }
 
 

@@ -171,7 +171,7 @@ def last_stage(config: ml_collections.ConfigDict) -> str:
 def stage_sides(config: ml_collections.ConfigDict) -> dict[str, int]:
     """{'stage1': side, ...}: each stage's map side at config.image_size."""
     sides = stage_map_sizes(config.image_size, len(config.stage_sizes),
-                            config.stem_pool)
+                            config.stem_pool, config.stem)
     return {f'stage{i + 1}': s for i, s in enumerate(sides)}
 
 

@@ -188,7 +188,12 @@ def variables_to_torch_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
     """{'params', 'batch_stats'} -> the seed's state_dict as numpy arrays (strict-loadable in
     torch after `{k: torch.from_numpy(v) ...}`); num_batches_tracked = 0 (int64). The seed's
     model max-pools after the stem: weights trained with `stem_pool=False` load there but
-    compute another function."""
+    compute another function. A space-to-depth stem has no counterpart there: refused."""
+    conv1 = np.shape(variables['params']['conv1']['kernel'])
+    if conv1[:3] != (7, 7, 3):
+        raise InteropError(f'these weights have a {conv1[0]}x{conv1[1]} stem conv over '
+                           f'{conv1[2]} channels (stem=space_to_depth): the seed\'s network has '
+                           'a 7x7 conv over RGB, so no seed state_dict can hold them.')
     out: dict[str, np.ndarray] = {}
     for collection in ('params', 'batch_stats'):
         for path, value in _flat(variables[collection]).items():
@@ -258,12 +263,13 @@ def seed_checkpoint_config(config, arch: Mapping[str, Any]):
     """An unlocked copy of `config` shaped as a seed checkpoint's network: stage_sizes / widths
     from the checkpoint (dropout, dtype, conv_impl, BN eps stay the config's), the stem
     max-pool whatever `config.stem_pool` says (the seed's VehicleResNet always pools; its
-    weights without the pool are another function) and no EMA (a state_dict is one set of
-    weights, served as it is)."""
+    weights without the pool are another function), the seed's 7x7 stem and no BlurPool (the
+    weights' own function) and no EMA (a state_dict is one set of weights, served as it is)."""
     import ml_collections
     out = ml_collections.ConfigDict(config.to_dict())
     out.stage_sizes, out.widths = tuple(arch['stage_sizes']), tuple(arch['widths'])
     out.stem_pool, out.ema_decay = True, 0.0
+    out.stem, out.blur_pool = 'conv7', False      # the seed's stem, no anti-aliasing blur
     return out
 
 

@@ -46,6 +46,13 @@ maps instead of 2x2, the low-resolution stem of CIFAR/Tiny-ImageNet ResNets. It 
 parameter, so the weights still map onto the seed's `state_dict`, but the seed's PyTorch model
 would pool them: a different function. 'pool' is then the stem's output unchanged.
 
+Space-to-depth stem (`stem='space_to_depth'`, not the seed; TResNet, Ridnik et al. 2021): the
+input's b x b pixel blocks become channels (b = 4 with stem_pool, the seed's total stem stride;
+2 without), then conv1 3x3/1 pad 1 -> bn1 -> ReLU. Each stage sees the maps of the seed's stem
+at the same cost, but no pixel is skipped by a strided 7x7 window or dropped by the max-pool:
+small inputs keep all their detail. conv1 is then (3, 3, 3 b^2, widths[0]): no seed
+counterpart. The input side must be a multiple of b.
+
 CPU speed: XLA:CPU's convolution is ~100x slower than the equivalent matmul on 2x2 maps
 (BENCHMARKS.md, `python benchmarks/bench.py convs`), which the last stages reach at 32-64 px
 input. `Conv(impl='auto')` on CPU uses the im2col + one matmul form on <=4x4 maps; GPU/TPU keep
@@ -112,13 +119,29 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def stage_map_sizes(image_size: int, num_stages: int, stem_pool: bool = True) -> list[int]:
-    """Side of each stage's output map ('stage1'..'stageN') for a square input, by PyTorch's
-    size formula: the stem conv 7x7/2 pad 3, the max-pool 3x3/2 pad 1 (stem_pool), and the
-    stride-2 first block (3x3/2 pad 1; its 1x1/2 shortcut gives the same size) of stages 2..N."""
+STEMS = ('conv7', 'space_to_depth')
+
+
+def stem_block(stem: str, stem_pool: bool) -> int:
+    """The space-to-depth stem's block side (the stem's total stride); 1 for the seed's stem."""
+    return (4 if stem_pool else 2) if stem == 'space_to_depth' else 1
+
+
+def stem_output_size(image_size: int, stem_pool: bool = True, stem: str = 'conv7') -> int:
+    """Side of the stem's output ('pool'): the seed's conv 7x7/2 pad 3 and max-pool 3x3/2 pad 1
+    (stem_pool) by PyTorch's size formula, or the space-to-depth stem's size / block."""
+    if stem == 'space_to_depth':
+        return image_size // stem_block(stem, stem_pool)
     s = conv_output_size(image_size, 7, 2, 3)
-    if stem_pool:
-        s = conv_output_size(s, 3, 2, 1)
+    return conv_output_size(s, 3, 2, 1) if stem_pool else s
+
+
+def stage_map_sizes(image_size: int, num_stages: int, stem_pool: bool = True,
+                    stem: str = 'conv7') -> list[int]:
+    """Side of each stage's output map ('stage1'..'stageN') for a square input: the stem
+    (`stem_output_size`), then the stride-2 first block (3x3/2 pad 1; its 1x1/2 shortcut gives
+    the same size) of stages 2..N."""
+    s = stem_output_size(image_size, stem_pool, stem)
     sizes = []
     for i in range(num_stages):
         if i > 0:
@@ -127,21 +150,20 @@ def stage_map_sizes(image_size: int, num_stages: int, stem_pool: bool = True) ->
     return sizes
 
 
-def min_image_size(num_stages: int, stem_pool: bool = True) -> int:
-    """The smallest square input whose last stage still sees a map of at least 2x2.
+def min_image_size(num_stages: int, stem_pool: bool = True, stem: str = 'conv7') -> int:
+    """The smallest square input whose last stage still sees a map of at least 2x2 (a
+    multiple of the space-to-depth stem's block).
 
     Below it the last stage's input is one pixel framed by zero padding: the stage has no
     spatial extent left (the size formula never reaches 0, so such a net trains, on
     nothing but that pixel)."""
     def last_input(size: int) -> int:
-        before = stage_map_sizes(size, num_stages - 1, stem_pool) if num_stages > 1 else []
-        if before:
-            return before[-1]
-        s = conv_output_size(size, 7, 2, 3)
-        return conv_output_size(s, 3, 2, 1) if stem_pool else s
-    size = 1
+        before = stage_map_sizes(size, num_stages - 1, stem_pool, stem) if num_stages > 1 else []
+        return before[-1] if before else stem_output_size(size, stem_pool, stem)
+    block = stem_block(stem, stem_pool)
+    size = block
     while last_input(size) < 2:
-        size += 1
+        size += block
     return size
 
 
@@ -257,6 +279,17 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def space_to_depth(x: jax.Array, block: int) -> jax.Array:
+    """(N, H, W, C) -> (N, H/b, W/b, b*b*C): each b x b pixel block becomes one position's
+    channels, ordered (row in block, column in block, channel) as tf.nn.space_to_depth."""
+    n, h, w, c = x.shape
+    if h % block or w % block:
+        raise ValueError(f'the space-to-depth stem needs an input side divisible by {block}, '
+                         f'got {h}x{w}')
+    x = x.reshape(n, h // block, block, w // block, block, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // block, w // block, block * block * c)
+
+
 def blur_3x3(x: jax.Array) -> jax.Array:
     """The binomial [1, 2, 1] x [1, 2, 1] / 16 low-pass filter per channel, stride 1, zero
     padding 1 (FFCV's BlurPoolConv2d, before a strided conv): anti-aliasing (Zhang, "Making
@@ -311,6 +344,7 @@ class ResNet(nn.Module):
     init_scheme: str = 'pytorch'  # not `init`: that would shadow nn.Module.init
     zero_init_last_bn: bool = False
     stem_pool: bool = True        # the seed's 3x3/2 max-pool after the stem
+    stem: str = 'conv7'           # the seed's 7x7/2 conv | space_to_depth (see module doc)
     blur_pool: bool = False       # anti-aliased strided blocks (FFCV's BlurPool); no params
     bn_momentum: float = 0.1      # PyTorch convention
     bn_eps: float = 1e-5
@@ -335,11 +369,19 @@ class ResNet(nn.Module):
                                  momentum=self.bn_momentum, epsilon=self.bn_eps,
                                  dtype=self.dtype)
 
+        if self.stem not in STEMS:
+            raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
+
         x = x.astype(self.dtype)
-        x = conv(self.widths[0], 7, 2, 3, name='conv1')(x)
+        s2d = self.stem == 'space_to_depth'
+        if s2d:
+            x = space_to_depth(x, stem_block(self.stem, self.stem_pool))
+            x = conv(self.widths[0], 3, 1, 1, name='conv1')(x)
+        else:
+            x = conv(self.widths[0], 7, 2, 3, name='conv1')(x)
         x = nn.relu(norm(name='bn1')(x))
         self.sow('intermediates', 'stem', x)
-        if self.stem_pool:
+        if self.stem_pool and not s2d:
             x = max_pool_3x3_s2(x)
         self.sow('intermediates', 'pool', x)
 
@@ -397,6 +439,7 @@ def build_model(config, num_classes: int) -> ResNet:
         init_scheme=config.init,
         zero_init_last_bn=config.zero_init_last_bn,
         stem_pool=config.stem_pool,
+        stem=config.stem,
         blur_pool=config.blur_pool,
         bn_momentum=config.bn_momentum,
         bn_eps=config.bn_eps,

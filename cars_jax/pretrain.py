@@ -38,7 +38,7 @@ from cars_jax.steps import TrainState, keep_if_finite
 
 # What the supervised run must share with the pretraining it starts from: the backbone's
 # shapes, and the split (`config.check_same_split`).
-_SAME_ARCHITECTURE = ('stage_sizes', 'widths', 'stem_pool')
+_SAME_ARCHITECTURE = ('stage_sizes', 'widths', 'stem_pool', 'stem')
 PRETRAIN_MARKER = 'pretrain.json'
 
 

@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.zero_init_last_bn = False    # zero the scale of each block's last BN (not the seed)
     c.stem_pool = True             # 3x3/2 max-pool after the stem (seed); False: 2x resolution
                                    #   in every stage, 4x FLOPs (small inputs: 4x4 last maps at 64 px)
+    c.stem = 'conv7'               # conv7: the seed's 7x7/2 conv | space_to_depth: 4x4 pixel
+                                   #   blocks to channels then a 3x3 conv (TResNet; not the seed):
+                                   #   same maps and cost, no pixel skipped (sides: multiples of 4)
     c.blur_pool = False            # blur ([1,2,1]^2/16) before each strided block's convs (FFCV's
                                    #   BlurPool; anti-aliasing, not the seed; no parameters)
     c.bn_momentum = 0.1            # PyTorch convention (flax momentum = 1 - this)

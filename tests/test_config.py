@@ -197,12 +197,30 @@ def test_a_format_2_run_resumes_without_progressive_resizing():
         'progressive_min_size: checkpoint has 0, now 32']
 
 
+@pytest.mark.parametrize('overrides,field', [
+    ({'image_size': 66}, 'image_size'),                               # not a multiple of 4
+    ({'image_size': 64, 'progressive_min_size': 48, 'progressive_multiple': 6,
+      'progressive_end_epoch': 2}, 'progressive_min_size'),           # a ramp size of 6s
+])
+def test_the_space_to_depth_stem_takes_sides_that_are_multiples_of_its_block(overrides, field):
+    with pytest.raises(ConfigError, match=f'--config.{field}=.*multiple'):
+        validate_config(_cfg(stem='space_to_depth', **overrides))
+    validate_config(_cfg(stem='space_to_depth', image_size=64))
+    validate_config(_cfg(stem='space_to_depth', stem_pool=False, image_size=66 - 4 + 2))
+    validate_config(_cfg(image_size=66))                              # the seed's stem: any size
+    with pytest.raises(ConfigError, match='--config.stem='):
+        validate_config(_cfg(stem='patchify'))
+
+
 def test_a_format_3_run_resumes_without_cskd():
-    """Format 3 (before CS-KD) trained without the class-wise self-distillation term."""
+    """Format 3 (before CS-KD and the stem choice) trained without the class-wise
+    self-distillation term, with the seed's stem."""
     import json
     saved = {'config_format': 3, **json.loads(demo.get_config().to_json())}
-    for k in [k for k in saved if k.startswith('cskd_')]:
+    for k in [k for k in saved if k.startswith('cskd_') or k == 'stem']:
         del saved[k]
     assert incompatible_fields(saved, _cfg()) == []
     assert incompatible_fields(saved, _cfg(cskd_weight=3.0)) == [
         'cskd_weight: checkpoint has 0.0, now 3.0']
+    assert incompatible_fields(saved, _cfg(stem='space_to_depth')) == [
+        "stem: checkpoint has 'conv7', now 'space_to_depth'"]

@@ -320,3 +320,14 @@ def test_seed_checkpoint_config_has_the_seed_network_and_no_ema():
     assert out.stem_pool is True and out.ema_decay == 0.0 and out.dropout == 0.3
     # the caller's config is left as it was
     assert c.stem_pool is False and c.ema_decay == 0.999 and tuple(c.widths) == (64, 128, 256, 512)
+
+
+def test_weights_with_a_space_to_depth_stem_are_not_exported_as_a_seed_state_dict():
+    import jax
+    from configs import demo
+    from cars_jax.model import build_model, init_variables
+    c = demo.get_config()
+    c.image_size, c.widths, c.stage_sizes, c.stem = 32, (4, 8), (1, 1), 'space_to_depth'
+    variables = init_variables(build_model(c, 3), jax.random.PRNGKey(0), 32)
+    with pytest.raises(interop.InteropError, match='stem=space_to_depth'):
+        interop.variables_to_torch_state_dict(variables)

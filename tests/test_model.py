@@ -407,3 +407,47 @@ def test_blur_pool_changes_only_the_strided_blocks_and_adds_no_parameters():
     np.testing.assert_array_equal(np.asarray(st_a['intermediates']['stage1'][0]),
                                   np.asarray(st_b['intermediates']['stage1'][0]))
     assert not np.allclose(np.asarray(out_a), np.asarray(out_b))
+
+
+def test_space_to_depth_moves_each_pixel_block_into_channels():
+    """Against a hand loop: out[n, i, j, (a b + c') C + ch] = x[n, i b + a, j b + c', ch]
+    (tf.nn.space_to_depth's order)."""
+    x = np.random.default_rng(2).normal(size=(2, 8, 12, 3)).astype(np.float32)
+    for b in (2, 4):
+        want = np.zeros((2, 8 // b, 12 // b, b * b * 3), np.float32)
+        for i in range(8 // b):
+            for j in range(12 // b):
+                for a in range(b):
+                    for c in range(b):
+                        want[:, i, j, (a * b + c) * 3:(a * b + c + 1) * 3] = x[:, i * b + a,
+                                                                               j * b + c]
+        np.testing.assert_array_equal(np.asarray(M.space_to_depth(jnp.asarray(x), b)), want)
+    with pytest.raises(ValueError, match='divisible by 4'):
+        M.space_to_depth(jnp.asarray(x[:, :6]), 4)
+
+
+@pytest.mark.parametrize('stem_pool,block', [(True, 4), (False, 2)])
+def test_the_space_to_depth_stem_is_a_3x3_conv_over_pixel_blocks(stem_pool, block):
+    """Its stages see the maps the seed's stem gives (stage_map_sizes), and its 'stem' output
+    is ReLU(BN(conv3x3(space_to_depth(x)))) recomputed here with lax.conv from its own kernel
+    (BN at init in eval mode: the identity up to eps)."""
+    net = M.ResNet(num_classes=5, stem='space_to_depth', stem_pool=stem_pool, **NARROW)
+    seed_net = M.ResNet(num_classes=5, stem_pool=stem_pool, **NARROW)
+    x = _images(2, 64)
+    v = M.init_variables(net, jax.random.key(0), 64)
+    assert v['params']['conv1']['kernel'].shape == (3, 3, 3 * block * block, 8)
+    _, state = net.apply(v, x, mutable=['intermediates'])
+    sides = [state['intermediates'][f'stage{i}'][0].shape[1] for i in range(1, 5)]
+    assert sides == M.stage_map_sizes(64, 4, stem_pool, 'space_to_depth')
+    _, seed_state = seed_net.apply(M.init_variables(seed_net, jax.random.key(0), 64), x,
+                                   mutable=['intermediates'])
+    assert sides == [seed_state['intermediates'][f'stage{i}'][0].shape[1] for i in range(1, 5)]
+    blocks = np.asarray(x).reshape(2, 64 // block, block, 64 // block, block, 3)
+    blocks = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(2, 64 // block, 64 // block, -1)
+    conv = jax.lax.conv_general_dilated(jnp.asarray(blocks), v['params']['conv1']['kernel'],
+                                        (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    want = np.maximum(np.asarray(conv) / np.sqrt(1 + 1e-5), 0)
+    np.testing.assert_allclose(np.asarray(state['intermediates']['stem'][0]), want,
+                               rtol=1e-4, atol=1e-5)
+    assert M.min_image_size(4, stem_pool, 'space_to_depth') % block == 0
