@@ -556,21 +556,59 @@ def print_cpu_table(results: dict) -> None:
                   f'  {verdict}')
 
 
+CONV_PASSES = ('forward', 'input_grad', 'weight_grad')
+
+
+def run_convs(image_size: int, batch_size: int, repeats: int, use_torch: bool = True) -> dict:
+    """`convs`: each seed conv's three passes as `lax.conv` and as the matmul form and, when
+    torch imports, the same passes in PyTorch (oneDNN) in the same run."""
+    from benchmarks.cpu_settings import conv_pass_times, seed_conv_layers
+    out = {'machine': machine(), 'image_size': image_size, 'batch_size': batch_size,
+           'repeats': repeats, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+           'rows': conv_pass_times(image_size, batch_size, repeats)}
+    torch = seed_torch.import_torch() if use_torch else None
+    if torch is not None:
+        out['torch_version'] = seed_torch.torch_version(torch)
+        theirs = seed_torch.torch_conv_pass_times(torch, seed_conv_layers(image_size),
+                                                  batch_size, repeats)
+        for row, t in zip(out['rows'], theirs):
+            row.update(t)
+    return out
+
+
+def conv_pass_totals(rows: list[dict], form: str) -> dict[str, float]:
+    """ms per pass summed over the net's convs (each layer x its count; the 1x1 shortcuts
+    left out); the stem's input gradient is left out too (training never computes it).
+    form 'auto': each layer in the form `conv_impl=auto` takes for its output map."""
+    from cars_jax.model import resolve_conv_impl
+
+    def ms(r: dict, p: str) -> float:
+        f = resolve_conv_impl('auto', r['output'], r['output']) if form == 'auto' else form
+        return r[f'{f}_{p}_ms']
+    return {p: sum(r['count'] * ms(r, p) for r in rows
+                   if not (p == 'input_grad' and r['layer'].startswith('stem')))
+            for p in CONV_PASSES}
+
+
 def print_convs_table(results: dict) -> None:
     print(f'Seed convolutions on {results["machine"]}, {results["image_size"]} px, batch '
           f'{results["batch_size"]}, best of {results["repeats"]}, XLA_FLAGS='
           f'{results["xla_flags"] or "(none)"}: ms (GFLOP/s)')
-    passes = ('forward', 'input_grad', 'weight_grad')
+    forms = ('xla', 'matmul') + (('torch',) if 'torch_forward_ms' in results['rows'][0] else ())
     print(f'{"layer":15s} {"map":>9s} {"GFLOP":>6s} '
-          + ' '.join(f'{f + " " + p:>22s}' for f in ('xla', 'matmul') for p in passes))
+          + ' '.join(f'{f + " " + p:>22s}' for f in forms for p in CONV_PASSES))
     for r in results['rows']:
         cells = []
-        for form in ('xla', 'matmul'):
-            for p in passes:
+        for form in forms:
+            for p in CONV_PASSES:
                 ms = r[f'{form}_{p}_ms']
                 cells.append(f'{ms:11.1f} ({r["gflop"] / ms * 1e3:6.0f})')
         print(f'{r["layer"]:15s} {r["input"]:4d}->{r["output"]:<4d} {r["gflop"]:6.2f} '
               + ' '.join(f'{c:>22s}' for c in cells))
+    for form in ('auto',) + forms:
+        totals = conv_pass_totals(results['rows'], form)
+        print(f'{form:>6s}: the net\'s convs (x count) ' + ', '.join(
+            f'{p} {ms:.1f} ms' for p, ms in totals.items()))
 
 
 def run_parts(image_size: int, batch_size: int, repeats: int, *, num_classes: int = 196,
@@ -699,11 +737,7 @@ def main(argv) -> None:
                            use_torch=FLAGS.torch, **arch)
         print_step_table(results)
     elif argv[1] == 'convs':
-        from benchmarks.cpu_settings import conv_pass_times
-        results = {'machine': machine(), 'image_size': FLAGS.image_size,
-                   'batch_size': FLAGS.batch_size, 'repeats': FLAGS.repeats,
-                   'xla_flags': os.environ.get('XLA_FLAGS', ''),
-                   'rows': conv_pass_times(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats)}
+        results = run_convs(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats, FLAGS.torch)
         print_convs_table(results)
     elif argv[1] == 'parts':
         results = run_parts(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats,

@@ -151,10 +151,17 @@ def call_times_ms(fn, args: tuple, repeats: int) -> list[float]:
     return times
 
 
+def seed_conv_counts(stage_sizes=(2, 2, 2, 2)) -> list[int]:
+    """How often each `seed_conv_layers` conv occurs in the net: the stem and each strided
+    conv once, stage 1's 3x3 2 x blocks times, the other stages' unstrided 3x3 2 x blocks - 1."""
+    return [1, 2 * stage_sizes[0]] + [n for b in stage_sizes[1:] for n in (1, 2 * b - 1)]
+
+
 def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> list[dict]:
     """Milliseconds (best of `repeats`) of the forward, input-gradient and weight-gradient pass
-    of each seed conv (`seed_conv_layers`), as `lax.conv` ('xla') and as im2col + matmul
-    ('matmul'), each pass jitted alone, float32, with the forward's GFLOP."""
+    of each seed conv (`seed_conv_layers`, with its `count` in the net), as `lax.conv` ('xla')
+    and as im2col + matmul ('matmul'), each pass jitted alone, float32, with the forward's
+    GFLOP."""
     import jax
     import jax.numpy as jnp
 
@@ -164,13 +171,14 @@ def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> 
         return min(call_times_ms(jax.jit(fn), args, repeats))
 
     rows = []
-    for name, side, cin, cout, k, stride, pad in seed_conv_layers(image_size):
+    for (name, side, cin, cout, k, stride, pad), count in zip(seed_conv_layers(image_size),
+                                                              seed_conv_counts()):
         out = conv_output_size(side, k, stride, pad)
         x = jnp.ones((batch_size, side, side, cin), jnp.float32)
         w = jnp.full((k, k, cin, cout), 0.01, jnp.float32)
         g = jnp.ones((batch_size, out, out, cout), jnp.float32)
         row = {'layer': name, 'input': side, 'output': out, 'cin': cin, 'cout': cout,
-               'gflop': 2 * batch_size * out * out * k * k * cin * cout / 1e9}
+               'count': count, 'gflop': 2 * batch_size * out * out * k * k * cin * cout / 1e9}
         for form, conv in (('xla', conv_xla), ('matmul', conv_matmul)):
             f = lambda x, w, conv=conv: conv(x, w, stride, pad)     # noqa: E731
             row[f'{form}_forward_ms'] = best_ms(f, x, w)

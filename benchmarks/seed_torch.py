@@ -251,6 +251,43 @@ def torch_step_parts(torch: Any, image_size: int, batch_size: int, repeats: int,
     return parts
 
 
+def torch_conv_pass_times(torch: Any, layers: Sequence[tuple], batch_size: int,
+                          repeats: int) -> list[dict[str, float]]:
+    """Best-of-`repeats` ms of each conv's forward, input-gradient and weight-gradient pass in
+    eager PyTorch, float32, all cores: `layers` as `cpu_settings.seed_conv_layers`; the
+    gradients through `aten.convolution_backward` with one output each, the kernel autograd
+    runs for a conv's backward."""
+    F = torch.nn.functional
+    rows = []
+    for _, side, cin, cout, k, stride, pad in layers:
+        out = (side + 2 * pad - k) // stride + 1
+        x = torch.ones(batch_size, cin, side, side)
+        w = torch.full((cout, cin, k, k), 0.01)
+        g = torch.ones(batch_size, cout, out, out)
+
+        def backward(mask, x=x, w=w, g=g, stride=stride, pad=pad):
+            return torch.ops.aten.convolution_backward(
+                g, x, w, None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], 1, mask)
+
+        def best_ms(fn) -> float:
+            fn()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return 1e3 * min(times)
+
+        with torch.no_grad():
+            rows.append({
+                'torch_forward_ms': best_ms(lambda x=x, w=w, stride=stride, pad=pad:
+                                            F.conv2d(x, w, None, stride, pad)),
+                'torch_input_grad_ms': best_ms(lambda: backward([True, False, False])),
+                'torch_weight_grad_ms': best_ms(lambda: backward([False, True, False])),
+            })
+    return rows
+
+
 class SeedTransformDataset:
     """A map-style dataset (what torch's DataLoader indexes): decode one record with PIL and run
     the seed's train transforms on it, per item, as the notebook's ImageFolder + transforms.

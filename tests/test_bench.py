@@ -144,6 +144,45 @@ def test_conv_passes_cover_every_seed_conv_shape():
                 assert r[f'{form}_{p}_ms'] > 0
 
 
+def test_conv_counts_are_the_nets_3x3_and_7x7_convs():
+    """Against the parameters of the seed's net: the kernels of each layer's shape (each
+    shape belongs to one layer of the list) number `seed_conv_counts` (17 in ResNet-18)."""
+    import jax
+    from benchmarks.cpu_settings import seed_conv_counts, seed_conv_layers
+    from cars_jax.model import ResNet
+    shapes = jax.eval_shape(ResNet(num_classes=10).init, jax.random.key(0),
+                            jax.numpy.zeros((1, 64, 64, 3)))['params']
+    kernels = [v.shape for v in jax.tree.leaves(shapes) if len(v.shape) == 4 and v.shape[0] > 1]
+    counts = seed_conv_counts()
+    assert sum(counts) == len(kernels) == 17
+    for (name, _, cin, cout, k, _, _), n in zip(seed_conv_layers(64), counts):
+        assert kernels.count((k, k, cin, cout)) == n, name
+
+
+def test_conv_totals_weigh_each_layer_by_its_count_without_the_stems_input_grad():
+    rows = [{'layer': 'stem 7x7/2', 'count': 1, 'xla_forward_ms': 2.0, 'xla_input_grad_ms': 9.0,
+             'xla_weight_grad_ms': 3.0},
+            {'layer': 'stage1 3x3', 'count': 4, 'xla_forward_ms': 1.0, 'xla_input_grad_ms': 1.5,
+             'xla_weight_grad_ms': 2.5}]
+    assert bench.conv_pass_totals(rows, 'xla') == {'forward': 6.0, 'input_grad': 6.0,
+                                                   'weight_grad': 13.0}
+    # 'auto' on this CPU: lax.conv on the 8x8 stem output, the matmul form on the 2x2 map
+    rows[0].update(output=8, matmul_forward_ms=50.0, matmul_input_grad_ms=50.0,
+                   matmul_weight_grad_ms=50.0)
+    rows[1].update(output=2, matmul_forward_ms=0.5, matmul_input_grad_ms=0.25,
+                   matmul_weight_grad_ms=1.0)
+    assert bench.conv_pass_totals(rows, 'auto') == {'forward': 4.0, 'input_grad': 1.0,
+                                                    'weight_grad': 7.0}
+
+
+def test_torch_conv_passes_time_every_layer():
+    torch = pytest.importorskip('torch')
+    from benchmarks.cpu_settings import seed_conv_layers
+    rows = seed_torch.torch_conv_pass_times(torch, seed_conv_layers(16), 2, 1)
+    assert len(rows) == 8
+    assert all(r[f'torch_{p}_ms'] > 0 for r in rows for p in bench.CONV_PASSES)
+
+
 def test_torch_seed_network_matches_the_seed():
     torch = pytest.importorskip('torch')
     net = seed_torch.build_seed_resnet(torch)
