@@ -30,7 +30,7 @@ def test_base_holds_the_seeds_values():
 
 
 @pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide',
-                                  'pretrain'])
+                                  'pretrain', 'fast30_cosine'])
 def test_every_shipped_config_is_valid(name):
     c = importlib.import_module(f'configs.{name}').get_config()
     c.data_dir = c.data_dir or '/data/stanford_cars'   # base.py leaves it to the user
@@ -47,6 +47,14 @@ def test_fast30_is_the_measured_30_epoch_run():
     changed = {k for k in c if c[k] != f[k]}
     assert changed == {'num_epochs', 'patience', 'early_stopping_metric', 'mixup_prob',
                        'erasing_prob', 'weight_decay'}
+
+
+def test_fast30_cosine_is_the_measured_cosine_run():
+    # docs/experiments.md section 6: the runs were fast30.py with --config.loss=cosine only
+    from configs import fast30
+    from configs import fast30_cosine
+    c, f = fast30_cosine.get_config(), fast30.get_config()
+    assert {k for k in c if c[k] != f[k]} == {'loss'} and c.cosine_ce_weight == 0.1
 
 
 def test_fast_wide_is_the_measured_10_epoch_run():
