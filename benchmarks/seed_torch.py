@@ -195,6 +195,17 @@ def torch_step_rates(torch: Any, image_size: int, batch_size: int, steps: int, r
             'first_step_s': first_s, 'threads': threads}
 
 
+def eager_times_ms(fn, repeats: int) -> list[float]:
+    """Milliseconds of `repeats` calls of an eager (synchronous) `fn()`, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return times
+
+
 def torch_step_parts(torch: Any, image_size: int, batch_size: int, repeats: int, *,
                      num_classes: int = 196, stage_sizes: Sequence[int] = SEED_STAGES,
                      widths: Sequence[int] = SEED_WIDTHS) -> dict[str, float]:
@@ -234,13 +245,7 @@ def torch_step_parts(torch: Any, image_size: int, batch_size: int, repeats: int,
         seed_train_step(torch, model, criterion, optimizer, scheduler, x, y, mix=False, alpha=0.4)
 
     def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 1e3 * statistics.median(times)
+        return statistics.median(eager_times_ms(fn, repeats))
 
     parts = {'forward (eval)': median_ms(forward_eval),
              'forward (train)': median_ms(forward_train),
@@ -270,13 +275,7 @@ def torch_conv_pass_times(torch: Any, layers: Sequence[tuple], batch_size: int,
                 g, x, w, None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], 1, mask)
 
         def best_ms(fn) -> float:
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return 1e3 * min(times)
+            return min(eager_times_ms(fn, repeats))
 
         with torch.no_grad():
             rows.append({
