@@ -3,6 +3,7 @@ step's extra term against numpy, and a run with it on both augmentation paths.""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -96,7 +97,7 @@ def test_the_cached_loader_gathers_the_same_partners():
 
 def _logits(state, images):
     out, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                            images, train=True, mutable=['batch_stats'])
+                            np.asarray(images, np.float32), train=True, mutable=['batch_stats'])
     return np.asarray(out).astype(np.float64)
 
 
@@ -132,7 +133,8 @@ def test_the_step_adds_w_t2_kl_to_the_nets_own_prediction_on_the_pairs(mixed):
     np.testing.assert_allclose(float(m['loss']), ce.mean() + w * kd.mean(), rtol=1e-4)
     if mixed:      # the same images mixed by cars_jax.mixup with the step's key
         np.testing.assert_allclose(
-            np.asarray(mixup(mix_rng, batch['pair_image'], labels, c.mixup_alpha, 1.0)[0]),
+            np.asarray(mixup(mix_rng, jnp.asarray(batch['pair_image']), labels, c.mixup_alpha,
+                             1.0)[0]),
             pairs, rtol=1e-5, atol=1e-5)
 
 
