@@ -124,8 +124,8 @@ def _child(job: dict) -> None:
 def seed_conv_layers(image_size: int) -> list[tuple[str, int, int, int, int, int, int]]:
     """(name, input side, cin, cout, kernel, stride, padding) of each distinct 3x3/7x7 conv of
     the seed's ResNet-18 at `image_size` (the stem, then each stage's first and repeated conv)."""
-    from cars_jax.model import conv_output_size
-    s = conv_output_size(conv_output_size(image_size, 7, 2, 3), 3, 2, 1)   # stem, max-pool
+    from cars_jax.model import conv_output_size, stem_output_size
+    s = stem_output_size(image_size)                                     # stem, max-pool
     layers = [('stem 7x7/2', image_size, 3, 64, 7, 2, 3), ('stage1 3x3', s, 64, 64, 3, 1, 1)]
     cin = 64
     for i, cout in enumerate((128, 256, 512), start=2):

@@ -262,10 +262,15 @@ def torch_conv_pass_times(torch: Any, layers: Sequence[tuple], batch_size: int,
     eager PyTorch, float32, all cores: `layers` as `cpu_settings.seed_conv_layers`; the
     gradients through `aten.convolution_backward` with one output each, the kernel autograd
     runs for a conv's backward."""
+    from cars_jax.model import conv_output_size
     F = torch.nn.functional
+
+    def best_ms(fn) -> float:
+        return min(eager_times_ms(fn, repeats))
+
     rows = []
     for _, side, cin, cout, k, stride, pad in layers:
-        out = (side + 2 * pad - k) // stride + 1
+        out = conv_output_size(side, k, stride, pad)
         x = torch.ones(batch_size, cin, side, side)
         w = torch.full((cout, cin, k, k), 0.01)
         g = torch.ones(batch_size, cout, out, out)
@@ -273,9 +278,6 @@ def torch_conv_pass_times(torch: Any, layers: Sequence[tuple], batch_size: int,
         def backward(mask, x=x, w=w, g=g, stride=stride, pad=pad):
             return torch.ops.aten.convolution_backward(
                 g, x, w, None, [stride, stride], [pad, pad], [1, 1], False, [0, 0], 1, mask)
-
-        def best_ms(fn) -> float:
-            return min(eager_times_ms(fn, repeats))
 
         with torch.no_grad():
             rows.append({
