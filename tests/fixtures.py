@@ -279,3 +279,11 @@ def restore_latest(workdir, config, n_classes=3):
     finally:
         latest.close()
         best.close()
+
+
+def numpy_smoothed_ce(logits, labels, eps):
+    """Per-example label-smoothed cross-entropy in numpy (PyTorch's formula): the reference the
+    train steps' losses are checked against."""
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    return (1 - eps) * -logp[np.arange(len(labels)), labels] + eps * -logp.mean(-1)

@@ -13,17 +13,13 @@ from cars_jax.data.sources import Record
 from cars_jax.mixup import mixup
 from cars_jax.steps import create_train_state, make_steps
 from cars_jax.train import train_and_evaluate
-from fixtures import make_colour_folders, run_config, tiny_batch, tiny_config
+from fixtures import (make_colour_folders, numpy_smoothed_ce, run_config, tiny_batch,
+                      tiny_config)
 
 
 def _softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
-
-
-def _smoothed_ce(logits, labels, eps):
-    logp = np.log(_softmax(logits))
-    return (1 - eps) * -logp[np.arange(len(labels)), labels] + eps * -logp.mean(-1)
 
 
 def test_partners_are_other_members_of_the_class_drawn_uniformly():
@@ -122,9 +118,9 @@ def test_the_step_adds_w_t2_kl_to_the_nets_own_prediction_on_the_pairs(mixed):
         images = lam * images + (1 - lam) * images[perm]   # numpy: float64 mixing
         pairs = lam * pairs + (1 - lam) * pairs[perm]
     s_logits, p_logits = _logits(state, images), _logits(state, pairs)
-    ce = _smoothed_ce(s_logits, labels, c.label_smoothing)
+    ce = numpy_smoothed_ce(s_logits, labels, c.label_smoothing)
     if mixed:
-        ce = lam * ce + (1 - lam) * _smoothed_ce(s_logits, labels[perm], c.label_smoothing)
+        ce = lam * ce + (1 - lam) * numpy_smoothed_ce(s_logits, labels[perm], c.label_smoothing)
     q, p = _softmax(p_logits / t), _softmax(s_logits / t)
     kd = t * t * (q * np.log(q / p)).sum(-1)
     train_fn, _ = make_steps(c)

@@ -6,7 +6,7 @@ import numpy as np
 
 from cars_jax.steps import (create_train_state, eval_step, make_steps, mix_hyperparameters,
                             predict_step, train_step)
-from fixtures import tiny_batch, tiny_config
+from fixtures import numpy_smoothed_ce, tiny_batch, tiny_config
 
 
 def test_train_step_compiles_once_and_learns():
@@ -259,12 +259,6 @@ def test_cosine_loss_config_reaches_the_train_and_eval_steps():
     assert 0.0 <= float(m['loss']) <= 2.0 and abs(float(m['loss']) - float(m_ce['loss'])) > 0.1
 
 
-def _numpy_smoothed_ce(logits, labels, eps):
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    return (1 - eps) * -logp[np.arange(len(labels)), labels] + eps * -logp.mean(-1)
-
-
 def test_distillation_step_loss_is_the_weighted_sum_of_task_and_teacher_terms():
     """(1 - w) x label-smoothed CE + w x T^2 KL(teacher || student), from the two networks'
     logits recomputed outside the step and combined in numpy; w = 0 is the plain step."""
@@ -284,7 +278,7 @@ def test_distillation_step_loss_is_the_weighted_sum_of_task_and_teacher_terms():
     s_logits = np.asarray(s_logits, np.float64)
     soft = lambda x: np.exp(x / 2.0) / np.exp(x / 2.0).sum(-1, keepdims=True)
     kd = 4.0 * (soft(t_logits) * np.log(soft(t_logits) / soft(s_logits))).sum(-1)
-    ce = _numpy_smoothed_ce(s_logits, batch['label'], c.label_smoothing)
+    ce = numpy_smoothed_ce(s_logits, batch['label'], c.label_smoothing)
     _, m = train_fn(jax.tree.map(np.copy, student), batch, rng, teacher)
     np.testing.assert_allclose(float(m['loss']), 0.7 * ce.mean() + 0.3 * kd.mean(), rtol=1e-4)
     c0 = tiny_config(dropout=0.0, mixup_prob=0.0, distill_weight=0.0)
