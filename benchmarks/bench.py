@@ -6,6 +6,7 @@
   python benchmarks/bench.py cpu [--sizes=64,128,224] [--settings=xla,auto,...] [--repeats=5]
   python benchmarks/bench.py convs [--image_size=64] [--batch_size=32] [--repeats=5]
   python benchmarks/bench.py parts [--image_size=64] [--batch_size=32] [--repeats=10]
+  python benchmarks/bench.py profile [--image_size=64] [--batch_size=32] [--steps=5]
 
 (from the repository root; `python -m benchmarks.bench ...` is the same).
 
@@ -34,6 +35,9 @@ im2col + matmul form, in ms and GFLOP/s (with the process's XLA_FLAGS).
 `parts`: the seed's train step in parts (forward in eval / train mode, forward + backward, the
 AdamW update, the whole step; no MixUp), jitted, against the same parts of the seed's eager
 PyTorch step measured in the same run.
+`profile`: the forward + backward op by op (`benchmarks/op_profile.py`): XLA:CPU's executed
+thunks (from `jax.profiler`) and PyTorch's aten ops (from `torch.profiler`), grouped into the
+same categories (convolutions, BatchNorm, max-pool, layout copies, the rest).
 Each mode writes a JSON.
 """
 from __future__ import annotations
@@ -72,7 +76,7 @@ def define_flags() -> None:
                         'loader: torch DataLoader num_workers values (the first is the baseline '
                         "of the 'vs torch' column); empty: no torch rows.")
     flags.DEFINE_string('out', 'runs/bench.json', 'Where to write the JSON results.')
-    flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step).')
+    flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step); profile: profiled calls.')
     flags.DEFINE_string('conv_impls', 'xla,auto', 'step: conv implementations to compare.')
     flags.DEFINE_bool('torch', True, 'step/loader: add the PyTorch rows when torch imports.')
     flags.DEFINE_string('widths', '', 'step/fused: network widths, e.g. 16,32,64,128 (empty: '
@@ -713,13 +717,59 @@ def print_table(results: dict) -> None:
         print('note:', n)
 
 
-MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts')
+def run_profile(image_size: int, batch_size: int, steps: int, *, num_classes: int = 196,
+                use_torch: bool = True, widths=SEED_WIDTHS, stage_sizes=SEED_STAGES) -> dict:
+    """`profile`: the seed's forward + backward op by op, cars_jax (XLA thunks) and, when torch
+    imports, PyTorch (aten ops) in the same process, grouped into the same categories."""
+    from benchmarks import op_profile as profile
+    arch = dict(num_classes=num_classes, stage_sizes=stage_sizes, widths=widths)
+    out = {'machine': machine(), 'image_size': image_size, 'batch_size': batch_size,
+           'steps': steps, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+           'jax': profile.jax_forward_backward_profile(image_size, batch_size, steps, **arch)}
+    torch = seed_torch.import_torch() if use_torch else None
+    if torch is not None:
+        out['torch_version'] = seed_torch.torch_version(torch)
+        out['pytorch'] = profile.torch_forward_backward_profile(torch, image_size, batch_size,
+                                                                steps, **arch)
+    out['max_pool_ms'] = profile.max_pool_grad_ms(image_size, batch_size, max(steps, 5), torch)
+    return out
+
+
+def print_profile_table(r: dict) -> None:
+    from benchmarks.op_profile import CATEGORIES
+    j, t = r['jax'], r.get('pytorch')
+    print(f'The seed\'s forward + backward by op category on {r["machine"]}, {r["image_size"]} '
+          f'px, batch {r["batch_size"]}, ms per call over {r["steps"]} profiled calls '
+          '(cars_jax: XLA thunk thread-ms; PyTorch: aten self CPU ms)')
+    print(f'{"category":34s} {"cars_jax":>9s} {"share":>6s}'
+          + (f' {"PyTorch":>9s} {"share":>6s}' if t else ''))
+    for c in CATEGORIES + ('total',):
+        mine = j['total_ms'] if c == 'total' else j['category_ms'][c]
+        line = f'{c:34s} {mine:9.1f} {100 * mine / j["total_ms"]:5.0f}%'
+        if t:
+            theirs = t['total_ms'] if c == 'total' else t['category_ms'][c]
+            line += f' {theirs:9.1f} {100 * theirs / t["total_ms"]:5.0f}%'
+        print(line)
+    print('cars_jax by backend: ' + ', '.join(f'{b} {ms:.1f} ms'
+                                              for b, ms in sorted(j['backend_ms'].items())))
+    print('cars_jax top thunks:')
+    for e in j['top']:
+        print(f'  {e["ms"]:7.2f} ms  {e["thunk"]:32s} {e["category"]:34s} {e["op_name"][-60:]}')
+    if t:
+        print('PyTorch top ops:')
+        for e in t['top']:
+            print(f'  {e["ms"]:7.2f} ms  {e["op"]:48s} {e["category"]}')
+    print('The stem\'s max-pool alone, forward + backward (median ms): ' + ', '.join(
+        f'{k} {ms:.1f}' for k, ms in r['max_pool_ms'].items()))
+
+
+MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts', 'profile')
 
 
 def main(argv) -> None:
     if len(argv) < 2 or argv[1] not in MODES:
         raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused|cpu|convs|'
-                             'parts [--flags]')
+                             'parts|profile [--flags]')
     arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
                 stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
     if argv[1] != 'cpu':   # the XLA:CPU defaults main.py runs with (cpu sets its own per child)
@@ -743,6 +793,10 @@ def main(argv) -> None:
         results = run_parts(FLAGS.image_size, FLAGS.batch_size, FLAGS.repeats,
                             num_classes=FLAGS.num_classes, use_torch=FLAGS.torch, **arch)
         print_parts_table(results)
+    elif argv[1] == 'profile':
+        results = run_profile(FLAGS.image_size, FLAGS.batch_size, FLAGS.steps,
+                              num_classes=FLAGS.num_classes, use_torch=FLAGS.torch, **arch)
+        print_profile_table(results)
     elif argv[1] == 'cpu':
         from benchmarks.cpu_settings import SETTINGS
         results = run_cpu(_ints(FLAGS.sizes, ()), FLAGS.settings.split(',') if FLAGS.settings

@@ -259,3 +259,61 @@ def test_parts_give_the_same_parts_for_both_stacks(capsys):
     bench.print_parts_table(r)
     out = capsys.readouterr().out
     assert 'whole train step' in out and ('jax/torch' in out) == TORCH
+
+
+def test_profile_parses_hlo_and_sorts_thunks_into_categories():
+    from benchmarks import op_profile as P
+    hlo = '\n'.join([
+        '  %conv_general_dilated.3 = f32[2,4,4,8]{3,2,1,0} convolution(%a, %b), window={size=3x3}, '
+        'metadata={op_name="jit(loss)/jvp(ResNet)/l1_0/conv1/conv_general_dilated"}',
+        '  ROOT %ynn_fusion.7 = f32[8,72]{1,0} fusion(%c, %d), kind=kCustom, calls=%f.7, '
+        'metadata={op_name="jit(loss)/transpose(jvp(ResNet))/l4_0/conv2/dot_general"}',
+        '  %transpose_copy_fusion.9 = f32[64,16,16,32]{3,2,1,0} fusion(%e), kind=kLoop',
+        '  %wrapped_iota.2 = s32[32,34,34,64]{3,2,1,0} fusion(), kind=kLoop, calls=%g',
+        '  %fusion.4 = f32[8]{0} fusion(%h), kind=kLoop, '
+        'metadata={op_name="jit(loss)/jvp(ResNet)/l2_0/down_bn/reduce_sum"}',
+        '  %concatenate.12 = f32[32,4,4,2304]{3,2,1,0} concatenate(%i, %j), '
+        'metadata={op_name="jit(loss)/jvp(ResNet)/l3_1/conv1/concatenate"}',
+        '  %add_fusion = f32[2,4]{1,0} fusion(%k), metadata={op_name="jit(loss)/jvp(ResNet)/add"}',
+    ])
+    ins = P.hlo_instructions(hlo)
+    assert ins['conv_general_dilated.3'] == (
+        'convolution', 'jit(loss)/jvp(ResNet)/l1_0/conv1/conv_general_dilated')
+    assert ins['ynn_fusion.7'][0] == 'fusion' and ins['transpose_copy_fusion.9'][1] == ''
+    want = {'conv_general_dilated.3': 'convolutions and matmuls',
+            'ynn_fusion.7': 'convolutions and matmuls',
+            'transpose_copy_fusion.9': 'layout copies', 'wrapped_iota.2': 'max-pool',
+            'fusion.4': 'BatchNorm', 'concatenate.12': 'convolutions and matmuls',
+            'add_fusion': 'ReLU, shortcut adds, loss, other'}
+    assert {n: P.xla_category(n, ins[n][1]) for n in want} == want
+    assert [P.xla_backend(n, ins[n][0]) for n in ('conv_general_dilated.3', 'ynn_fusion.7',
+                                                   'fusion.4')] == ['Eigen', 'YNNPACK', 'XLA loops']
+    assert P.torch_category('aten::convolution_backward') == 'convolutions and matmuls'
+    assert P.torch_category('aten::native_batch_norm_backward') == 'BatchNorm'
+    assert P.torch_category('aten::max_pool2d_with_indices_backward') == 'max-pool'
+    assert P.torch_category('autograd::engine::evaluate_function: AddBackward0') is None
+    assert P.group({'aten::add_': 1.0, 'aten::copy_': 2.0, 'ProfilerStep#1': 5.0},
+                   P.torch_category) == {'convolutions and matmuls': 0.0, 'BatchNorm': 0.0,
+                                         'max-pool': 0.0, 'layout copies': 2.0,
+                                         'ReLU, shortcut adds, loss, other': 1.0}
+
+
+def test_profile_runs_both_stacks_on_a_tiny_net(capsys):
+    import jax.profiler
+    if not hasattr(jax.profiler, 'ProfileData'):
+        pytest.skip("this jax has no trace reader (jax.profiler.ProfileData)")
+    r = bench.run_profile(16, 4, 1, num_classes=3, **TINY_NET)
+    j = r['jax']
+    assert j['total_ms'] > 0 and j['category_ms']['convolutions and matmuls'] > 0
+    assert abs(sum(j['category_ms'].values()) - j['total_ms']) < 1e-6 * j['total_ms'] + 1e-9
+    assert abs(sum(j['backend_ms'].values()) - j['total_ms']) < 1e-6 * j['total_ms'] + 1e-9
+    assert ('pytorch' in r) == TORCH
+    if TORCH:
+        t = r['pytorch']
+        assert t['category_ms']['convolutions and matmuls'] > 0
+        assert abs(sum(t['category_ms'].values()) - t['total_ms']) < 1e-6 * t['total_ms']
+    assert list(r['max_pool_ms'])[:2] == ['XLA select_and_scatter', 'cars_jax max_pool_3x3_s2']
+    assert ('PyTorch max_pool2d' in r['max_pool_ms']) == TORCH
+    assert all(ms > 0 for ms in r['max_pool_ms'].values())
+    bench.print_profile_table(r)
+    assert 'max-pool' in capsys.readouterr().out

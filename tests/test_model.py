@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from cars_jax import model as M
 
@@ -146,6 +147,49 @@ def test_max_pool_pads_with_minus_infinity():
     want = np.array([[xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
                       for j in range(3)] for i in range(4)]).transpose(2, 0, 1, 3)
     np.testing.assert_array_equal(y, want)
+
+
+def _numpy_max_pool_grad(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """A hand loop: each output's gradient to the first maximum of its 3x3/2 window (row-major
+    within the window, padding never chosen), summed where windows overlap."""
+    n, h, w, c = x.shape
+    dx = np.zeros_like(x)
+    for b in range(n):
+        for ch in range(c):
+            for i in range(g.shape[1]):
+                for j in range(g.shape[2]):
+                    best, at = -np.inf, None
+                    for di in range(3):
+                        for dj in range(3):
+                            r, q = 2 * i - 1 + di, 2 * j - 1 + dj
+                            if 0 <= r < h and 0 <= q < w and x[b, r, q, ch] > best:
+                                best, at = x[b, r, q, ch], (r, q)
+                    dx[b, at[0], at[1], ch] += g[b, i, j, ch]
+    return dx
+
+
+@pytest.mark.parametrize('shape', [(2, 7, 6, 3), (1, 9, 11, 2), (2, 2, 2, 3), (1, 1, 1, 2)])
+def test_max_pool_gradient_goes_to_the_first_maximum(shape):
+    # Post-ReLU-like input with many ties (zeros, repeated integers): the routing of ties is
+    # what differs between possible gradients; integer gradients make the sums exact.
+    rng = np.random.default_rng(sum(shape))
+    x = np.maximum(rng.integers(-2, 3, size=shape), 0).astype(np.float32)
+    y, vjp = jax.vjp(M.max_pool_3x3_s2, jnp.asarray(x))
+    g = rng.integers(-5, 6, size=y.shape).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), _numpy_max_pool_grad(x, g))
+    # ... and XLA's own select_and_scatter gradient routes ties the same way.
+    ref = jax.vjp(lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+                  jnp.asarray(x))[1](jnp.asarray(g))[0]
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), np.asarray(ref))
+
+
+def test_max_pool_gradient_under_jit_in_bfloat16():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda v: M.max_pool_3x3_s2(v).astype(jnp.float32).sum()))(x)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(grad, np.float32),
+        _numpy_max_pool_grad(np.asarray(x, np.float32), np.ones((2, 4, 4, 4), np.float32)))
 
 
 # ---- BatchNorm, dropout, train / eval -----------------------------------------------------
