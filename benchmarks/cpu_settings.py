@@ -190,20 +190,17 @@ def conv_pass_times(image_size: int, batch_size: int = 32, repeats: int = 5) -> 
     return rows
 
 
-def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
-                    num_classes: int = 196, stage_sizes=None, widths=None) -> dict[str, float]:
-    """Median ms of the parts of the seed's jitted train step (no MixUp), each jitted alone with
-    the process's XLA_FLAGS: forward in eval and train mode, forward + backward (the loss's
-    value and gradients), the AdamW update, and the whole step; the same parts as
-    `seed_torch.torch_step_parts`."""
-    import statistics
-
+def seed_grad_setup(image_size: int, batch_size: int = 32, num_classes: int = 196,
+                    stage_sizes=None, widths=None) -> dict:
+    """The seed's train state at `image_size` (seed config; optional architecture), one
+    synthetic batch, and the jitted loss + gradients of its train-mode forward (no MixUp): what
+    `step_part_times` and `op_profile` time. Keys: state, x, y, key, grad_fn."""
     import jax
     import numpy as np
 
     from configs import base
     from cars_jax.losses import mixed_loss
-    from cars_jax.steps import create_train_state, train_step
+    from cars_jax.steps import create_train_state
 
     c = base.get_config()
     c.image_size = image_size
@@ -213,7 +210,6 @@ def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32)
     y = rng.integers(0, num_classes, batch_size).astype(np.int32)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
     key = jax.random.PRNGKey(1)
 
     def loss(params, batch_stats):
@@ -221,7 +217,25 @@ def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
                                      train=True, mutable=['batch_stats'], rngs={'dropout': key})
         return mixed_loss(logits, y, y, 1.0, 0.05).mean(), new
 
-    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return {'state': state, 'x': x, 'y': y, 'key': key,
+            'grad_fn': jax.jit(jax.value_and_grad(loss, has_aux=True))}
+
+
+def step_part_times(image_size: int, batch_size: int = 32, repeats: int = 10,
+                    num_classes: int = 196, stage_sizes=None, widths=None) -> dict[str, float]:
+    """Median ms of the parts of the seed's jitted train step (no MixUp), each jitted alone with
+    the process's XLA_FLAGS: forward in eval and train mode, forward + backward (the loss's
+    value and gradients), the AdamW update, and the whole step; the same parts as
+    `seed_torch.torch_step_parts`."""
+    import statistics
+
+    import jax
+
+    from cars_jax.steps import train_step
+
+    setup = seed_grad_setup(image_size, batch_size, num_classes, stage_sizes, widths)
+    state, x, y, key, grad_fn = (setup[k] for k in ('state', 'x', 'y', 'key', 'grad_fn'))
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
     grads = grad_fn(state.params, state.batch_stats)[1]
 
     def median_ms(fn, *args) -> float:

@@ -136,29 +136,10 @@ def jax_forward_backward_profile(image_size: int, batch_size: int, steps: int,
                                  widths=None) -> dict:
     """cars_jax's seed loss + gradients (no MixUp), profiled: ms per category and per
     backend, and the top thunks."""
-    import jax
-    import numpy as np
+    from benchmarks.cpu_settings import seed_grad_setup
 
-    from configs import base
-    from cars_jax.losses import mixed_loss
-    from cars_jax.steps import create_train_state
-
-    c = base.get_config()
-    c.image_size = image_size
-    if stage_sizes:
-        c.stage_sizes, c.widths = tuple(stage_sizes), tuple(widths)
-    state = create_train_state(c, jax.random.PRNGKey(0), num_classes, 255)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32)
-    y = rng.integers(0, num_classes, batch_size).astype(np.int32)
-    key = jax.random.PRNGKey(1)
-
-    def loss(params, batch_stats):
-        logits, new = state.apply_fn({'params': params, 'batch_stats': batch_stats}, x,
-                                     train=True, mutable=['batch_stats'], rngs={'dropout': key})
-        return mixed_loss(logits, y, y, 1.0, 0.05).mean(), new
-
-    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    setup = seed_grad_setup(image_size, batch_size, num_classes, stage_sizes, widths)
+    state, grad_fn = setup['state'], setup['grad_fn']
     args = (state.params, state.batch_stats)
     hlo = hlo_instructions(grad_fn.lower(*args).compile().as_text())
     thunks = xla_thunk_ms(grad_fn, args, steps)
