@@ -274,69 +274,45 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _window_views(x: jax.Array) -> list[jax.Array]:
-    """The nine offsets of the 3x3/2 windows over the -inf-padded input, row-major: view k
+def _window_views(x: jax.Array, fill: float) -> list[jax.Array]:
+    """The nine offsets of the 3x3/2 windows over the `fill`-padded input, row-major: view k
     holds, at each output position, the input element at offset k of that position's window."""
     n, h, w, c = x.shape
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=fill)
     return [jax.lax.slice(xp, (0, di, dj, 0), (n, di + 2 * ho - 1, dj + 2 * wo - 1, c),
                           (1, 2, 2, 1))
             for di in range(3) for dj in range(3)]
 
 
-def _to_stride2_grid(at0: jax.Array, at1: jax.Array, at2: jax.Array, axis: int) -> jax.Array:
-    """Contributions at window offsets 0, 1, 2 along `axis` (each on the output grid, length L)
-    -> their sum on the padded input grid along that axis (length 2L + 2): padded position 2m
-    gets offset 0 of window m and offset 2 of window m - 1, position 2m + 1 offset 1 of
-    window m. Sums at a quarter of the input's size, then one interleave."""
-    def shift(a, before):
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (before, 1 - before)
-        return jnp.pad(a, pad)
-    even, odd = shift(at0, 0) + shift(at2, 1), shift(at1, 0)
-    both = jnp.stack([even, odd], axis=axis + 1)
-    shape = list(even.shape)
-    shape[axis] *= 2
-    return both.reshape(shape)
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """PyTorch MaxPool2d(3, 2, 1) over NHWC: padding with -inf, so padding never wins the max;
-    with a backward pass of compares, selects and pads that XLA fuses.
+    differentiated through strided compares and selects that XLA fuses.
 
-    Why: XLA:CPU lowers a max-pool's gradient (`select_and_scatter`) into a reduce-window over
-    four input-sized int32 index arrays and a scatter: ~40 ms at 32x32x64 maps, batch 32, on
-    two cores, against ~7 ms for this one (BENCHMARKS.md, `bench.py profile`). The gradient
-    is the same: each output's gradient goes to the first maximum of its window in row-major
-    order, the way `select_and_scatter` and PyTorch's CPU kernel route ties.
+    Why: JAX's own derivative of a max-pool is `select_and_scatter`, which XLA:CPU expands into
+    a reduce-window over four input-sized int32 index arrays and a scatter: ~32 ms forward +
+    backward at 32x32x64 maps, batch 32, on two cores, against ~6 ms for this one and ~9 ms for
+    PyTorch's (BENCHMARKS.md, `bench.py profile`). The derivative is the same: each output
+    follows the first maximum of its window in row-major order, the way `select_and_scatter`
+    and PyTorch's CPU kernel route ties. A JVP rule, so forward mode works too; JAX transposes
+    it into the backward pass (strided pads).
     """
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def _max_pool_fwd(x):
+@max_pool_3x3_s2.defjvp
+def _max_pool_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
     y = max_pool_3x3_s2(x)
-    return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-    x, y = residuals
-    h, w = x.shape[1], x.shape[2]
     with jax.named_scope('max_pool_grad'):    # a name profiles (bench.py profile) can find
         taken = jnp.zeros(y.shape, bool)
-        zero = jnp.zeros((), g.dtype)
-        at = []
-        for view in _window_views(x):
+        out = jnp.zeros(y.shape, t.dtype)
+        for view, tangent in zip(_window_views(x, -jnp.inf), _window_views(t, 0.0)):
             hit = (view == y) & ~taken           # the first maximum of each window wins
             taken = taken | hit
-            at.append(jnp.where(hit, g, zero))
-        rows = [_to_stride2_grid(*at[3 * di:3 * di + 3], axis=2) for di in range(3)]
-        grid = _to_stride2_grid(*rows, axis=1)   # the padded input's grid (and a margin)
-        return (grid[:, 1:1 + h, 1:1 + w, :],)
-
-
-max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+            out = out + jnp.where(hit, tangent, jnp.zeros((), t.dtype))
+    return y, out
 
 
 def space_to_depth(x: jax.Array, block: int) -> jax.Array:

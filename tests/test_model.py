@@ -183,6 +183,29 @@ def test_max_pool_gradient_goes_to_the_first_maximum(shape):
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), np.asarray(ref))
 
 
+def test_max_pool_forward_mode_and_second_order():
+    # Forward mode (a JVP rule, not only a VJP): the tangent at each output is the tangent at
+    # its window's first maximum; and a Hessian-vector product (forward over reverse) runs.
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.integers(-2, 3, size=(2, 7, 6, 3)), 0).astype(np.float32)
+    t = rng.integers(-5, 6, size=x.shape).astype(np.float32)
+    y, ty = jax.jvp(M.max_pool_3x3_s2, (jnp.asarray(x),), (jnp.asarray(t),))
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    tp = np.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros(y.shape, np.float32)
+    for b, i, j, ch in np.ndindex(*y.shape):
+        window = xp[b, 2 * i:2 * i + 3, 2 * j:2 * j + 3, ch].ravel()
+        k = int(np.argmax(window))                       # numpy's argmax: the first maximum
+        want[b, i, j, ch] = tp[b, 2 * i + k // 3, 2 * j + k % 3, ch]
+    np.testing.assert_array_equal(np.asarray(ty), want)
+
+    def f(v):
+        return (M.max_pool_3x3_s2(v) ** 2).sum()
+    hvp = jax.jvp(jax.grad(f), (jnp.asarray(x),), (jnp.asarray(t),))[1]
+    # f is quadratic in the selected inputs: H t = 2 x the VJP of (the tangent at the maxima).
+    np.testing.assert_array_equal(np.asarray(hvp), 2 * _numpy_max_pool_grad(x, want))
+
+
 def test_max_pool_gradient_under_jit_in_bfloat16():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 4)), jnp.bfloat16)
     grad = jax.jit(jax.grad(lambda v: M.max_pool_3x3_s2(v).astype(jnp.float32).sum()))(x)
