@@ -304,15 +304,22 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 @max_pool_3x3_s2.defjvp
 def _max_pool_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    y = max_pool_3x3_s2(x)
     with jax.named_scope('max_pool_grad'):    # a name profiles (bench.py profile) can find
-        taken = jnp.zeros(y.shape, bool)
-        out = jnp.zeros(y.shape, t.dtype)
-        for view, tangent in zip(_window_views(x, -jnp.inf), _window_views(t, 0.0)):
-            hit = (view == y) & ~taken           # the first maximum of each window wins
+        # The compares take the maximum of the very views they compare: the pool's own
+        # output (reduce_window), as XLA compiled the two-device data-parallel step, did not
+        # always equal an element of its window as the views read it, and a window with no
+        # match drops its gradient (tests/test_parallel.py caught it).
+        views = _window_views(x, -jnp.inf)
+        top = functools.reduce(jnp.maximum, views)
+        taken = jnp.zeros(top.shape, bool)
+        out = jnp.zeros(top.shape, t.dtype)
+        for view, tangent in zip(views, _window_views(t, 0.0)):
+            hit = (view == top) & ~taken         # the first maximum of each window wins
             taken = taken | hit
             out = out + jnp.where(hit, tangent, jnp.zeros((), t.dtype))
-    return y, out
+    # The primal output through this function, so that a second derivative uses this rule
+    # too (jnp.maximum's own rule splits ties).
+    return max_pool_3x3_s2(x), out
 
 
 def space_to_depth(x: jax.Array, block: int) -> jax.Array:
