@@ -6,9 +6,9 @@ ones. The cosine loss (Barz & Denzler, "Deep Learning on Small Datasets using a 
 WACV 2020) scores only the direction of the output: 1 - cos(output, one-hot label), plus 0.1 x
 the label-smoothed cross-entropy on the same outputs (the paper puts that term on a second
 head). Everything else is fast30's, MixUp included (the loss mixes as the labels do).
-Measured (docs/experiments.md, section 6): 13.3 +- 0.0% top-1 / 30.5 +- 1.4% top-5 over seeds
-0-1, against fast30's 11.5 +- 1.0% / 26.2 +- 2.5% (seeds 0-2); the 2x target (14.4%) is not
-met. Both runs were still improving in their last epochs (best epochs 28 and 30).
+Measured (docs/experiments.md, section 6): 13.1 +- 0.3% top-1 / 30.3 +- 1.0% top-5 over seeds
+0-2, against fast30's 11.5 +- 1.0% / 26.2 +- 2.5% (seeds 0-2); the 2x target (14.4%) is not
+met. All three runs were still improving in their last epochs (best epochs 28, 30, 30).
 """
 from configs import fast30
 
