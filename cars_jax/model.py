@@ -291,8 +291,8 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     differentiated through strided compares and selects that XLA fuses.
 
     Why: JAX's own derivative of a max-pool is `select_and_scatter`, which XLA:CPU expands into
-    a reduce-window over four input-sized int32 index arrays and a scatter: ~32 ms forward +
-    backward at 32x32x64 maps, batch 32, on two cores, against ~6 ms for this one and ~9 ms for
+    a reduce-window over four input-sized int32 index arrays and a scatter: ~35 ms forward +
+    backward at 32x32x64 maps, batch 32, on two cores, against ~6 ms for this one and ~10 ms for
     PyTorch's (BENCHMARKS.md, `bench.py profile`). The derivative is the same: each output
     follows the first maximum of its window in row-major order, the way `select_and_scatter`
     and PyTorch's CPU kernel route ties. A JVP rule, so forward mode works too; JAX transposes
