@@ -76,7 +76,8 @@ def define_flags() -> None:
                         'loader: torch DataLoader num_workers values (the first is the baseline '
                         "of the 'vs torch' column); empty: no torch rows.")
     flags.DEFINE_string('out', 'runs/bench.json', 'Where to write the JSON results.')
-    flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step); profile: profiled calls.')
+    flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step); '
+                         'profile: profiled calls.')
     flags.DEFINE_string('conv_impls', 'xla,auto', 'step: conv implementations to compare.')
     flags.DEFINE_bool('torch', True, 'step/loader: add the PyTorch rows when torch imports.')
     flags.DEFINE_string('widths', '', 'step/fused: network widths, e.g. 16,32,64,128 (empty: '

@@ -162,19 +162,12 @@ def torch_forward_backward_profile(torch: Any, image_size: int, batch_size: int,
                                    widths=None) -> dict:
     """The seed's eager loss + backward (as `seed_torch.torch_step_parts`), profiled: self ms
     per category and the top aten ops."""
-    import numpy as np
+    from benchmarks.seed_torch import SEED_STAGES, SEED_WIDTHS, seed_model_and_batch
 
-    from benchmarks.seed_torch import SEED_STAGES, SEED_WIDTHS, build_seed_resnet
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model = build_seed_resnet(torch, num_classes, stage_sizes or SEED_STAGES,
-                              widths or SEED_WIDTHS)
+    model, criterion, x, y = seed_model_and_batch(torch, image_size, batch_size, num_classes,
+                                                  stage_sizes or SEED_STAGES,
+                                                  widths or SEED_WIDTHS)
     model.train()
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
-    x = torch.from_numpy(rng.normal(size=(batch_size, 3, image_size, image_size))
-                         .astype(np.float32))
-    y = torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))
 
     def forward_backward():
         model.zero_grad()
@@ -193,31 +186,22 @@ def max_pool_grad_ms(image_size: int, batch_size: int, repeats: int,
     after its stride-2 stem, ReLU'd input): XLA's own gradient (`select_and_scatter`), the
     model's `max_pool_3x3_s2`, and PyTorch's `max_pool2d` when `torch` is given."""
     import statistics
-    import time
 
     import jax
     import numpy as np
     from flax import linen as nn
 
+    from benchmarks.cpu_settings import call_times_ms
+    from benchmarks.seed_torch import eager_times_ms
     from cars_jax.model import max_pool_3x3_s2, stem_output_size
 
     side = stem_output_size(image_size, stem_pool=False)   # the pool's input
     x = np.maximum(np.random.default_rng(0).normal(size=(batch_size, side, side, 64)), 0)
     x = x.astype(np.float32)
 
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
     def jax_ms(pool) -> float:
         grad = jax.jit(jax.grad(lambda v: (pool(v) ** 2).sum()))
-        xj = jax.numpy.asarray(x)
-        return timed(lambda: jax.block_until_ready(grad(xj)))
+        return statistics.median(call_times_ms(grad, (jax.numpy.asarray(x),), repeats))
 
     out = {'XLA select_and_scatter': jax_ms(
                lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))),
@@ -228,5 +212,5 @@ def max_pool_grad_ms(image_size: int, batch_size: int, repeats: int,
         def torch_step():
             xt.grad = None
             (torch.nn.functional.max_pool2d(xt, 3, 2, 1) ** 2).sum().backward()
-        out['PyTorch max_pool2d'] = timed(torch_step)
+        out['PyTorch max_pool2d'] = statistics.median(eager_times_ms(torch_step, repeats))
     return out

@@ -206,24 +206,34 @@ def eager_times_ms(fn, repeats: int) -> list[float]:
     return times
 
 
+def seed_model_and_batch(torch: Any, image_size: int, batch_size: int, num_classes: int = 196,
+                         stage_sizes: Sequence[int] = SEED_STAGES,
+                         widths: Sequence[int] = SEED_WIDTHS) -> tuple:
+    """The seed's network (torch seed 0), its label-smoothed criterion and one synthetic NCHW
+    batch (numpy seed 0): (model, criterion, x, y), as the step parts and the op profile time
+    them."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_seed_resnet(torch, num_classes, stage_sizes, widths)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
+    x = torch.from_numpy(rng.normal(size=(batch_size, 3, image_size, image_size))
+                         .astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))
+    return model, criterion, x, y
+
+
 def torch_step_parts(torch: Any, image_size: int, batch_size: int, repeats: int, *,
                      num_classes: int = 196, stage_sizes: Sequence[int] = SEED_STAGES,
                      widths: Sequence[int] = SEED_WIDTHS) -> dict[str, float]:
     """Median ms of the parts of the seed's train step (no MixUp), eager float32, all cores:
     forward in eval mode (no_grad), forward in train mode, forward + backward (zero_grad,
     criterion, backward), the AdamW step, and the whole step (`seed_train_step`)."""
-    nn = torch.nn
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model = build_seed_resnet(torch, num_classes, stage_sizes, widths)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.05)
+    model, criterion, x, y = seed_model_and_batch(torch, image_size, batch_size, num_classes,
+                                                  stage_sizes, widths)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=1e-3, total_steps=70 * 255, pct_start=0.1, anneal_strategy='cos',
         cycle_momentum=False)
-    x = torch.from_numpy(rng.normal(size=(batch_size, 3, image_size, image_size))
-                         .astype(np.float32))
-    y = torch.from_numpy(rng.integers(0, num_classes, batch_size).astype(np.int64))
 
     def forward_eval():
         model.eval()
