@@ -82,9 +82,12 @@ def run(argv) -> int:
     from cars_jax import distributed, runtime
     if FLAGS.xla_cpu_fusions:
         runtime.apply_cpu_xla_flags()
-    runtime.enable_compilation_cache(FLAGS.compilation_cache)
-    if FLAGS.mode == 'train':
-        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    multi_process = FLAGS.mode == 'train' and distributed.initialize(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    cache_setting = runtime.cache_setting_for(FLAGS.compilation_cache, multi_process)
+    if cache_setting != FLAGS.compilation_cache and _process_index() == 0:
+        print(runtime.MULTI_PROCESS_CPU_CACHE_NOTE, flush=True)
+    runtime.enable_compilation_cache(cache_setting)
     from cars_jax import console, train
     if not FLAGS.verbose:  # a full disk: Orbax's first error line, then quiet (its threads' pages)
         logging.get_absl_handler().addFilter(console.MuteOnDiskFull(logging.get_absl_handler()))

@@ -14,7 +14,8 @@ Compilation cache. The seed's train step takes 10-30 s to compile on a CPU (more
 decode-once cache path or several shapes); with the cache on disk, a resumed or repeated run with the same config,
 jax version and machine loads the compiled step instead (measured in BENCHMARKS.md). JAX keys
 each entry by the program, the compile options (XLA_FLAGS included), the backend and the jax
-version, so a stale entry is never used: a change makes a new one.
+version, so a stale entry is never used: a change makes a new one. A run of several processes on
+CPU leaves the cache off (`cache_setting_for`: it deadlocked one).
 """
 from __future__ import annotations
 
@@ -73,6 +74,26 @@ def resolve_cache_dir(setting: str) -> str | None:
     if setting == 'auto':
         return os.environ.get('JAX_COMPILATION_CACHE_DIR') or default_cache_dir()
     return os.path.expanduser(setting)
+
+
+MULTI_PROCESS_CPU_CACHE_NOTE = (
+    'Compilation cache: off for this multi-process CPU run (each process compiles its own steps; '
+    'see --compilation_cache).')
+
+
+def cache_setting_for(setting: str, multi_process: bool, backend: str | None = None) -> str:
+    """`setting`, except OFF for a run of several processes on CPU (gloo collectives).
+
+    Why: with jaxlib 0.12.1, a two-process CPU run whose process 0 serialised its compiled train
+    step into the cache (JAX writes from process 0 only) deadlocked in that step's first
+    collective, both processes waiting in gloo forever; with nothing written (or jaxlib 0.12.0.1)
+    the same run finished. Compiling is cheap beside a multi-process run, a hang is not."""
+    if not multi_process or setting == OFF:
+        return setting
+    if backend is None:
+        import jax
+        backend = jax.default_backend()
+    return OFF if backend == 'cpu' else setting
 
 
 def enable_compilation_cache(setting: str = 'auto') -> str | None:

@@ -111,6 +111,14 @@ def test_a_top_k_below_1_is_a_one_line_error_naming_the_flag(value, tmp_path):
                       'python main.py --helpfull)'], r.stderr
 
 
+def test_compilation_cache_is_off_for_several_processes_on_cpu_only():
+    from cars_jax.runtime import OFF, cache_setting_for
+    assert cache_setting_for('auto', multi_process=False, backend='cpu') == 'auto'
+    assert cache_setting_for('/c', multi_process=True, backend='cpu') == OFF
+    assert cache_setting_for('auto', multi_process=True, backend='gpu') == 'auto'
+    assert cache_setting_for(OFF, multi_process=False, backend='gpu') == OFF
+
+
 def test_compilation_cache_setting_names_a_folder_or_off(tmp_path, monkeypatch):
     from cars_jax.runtime import enable_compilation_cache, resolve_cache_dir
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
