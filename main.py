@@ -86,7 +86,7 @@ def run(argv) -> int:
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cache_setting = runtime.cache_setting_for(FLAGS.compilation_cache, multi_process)
     if cache_setting != FLAGS.compilation_cache and _process_index() == 0:
-        print(runtime.MULTI_PROCESS_CPU_CACHE_NOTE, flush=True)
+        _console(runtime.MULTI_PROCESS_CPU_CACHE_NOTE, sys.stdout)
     runtime.enable_compilation_cache(cache_setting)
     from cars_jax import console, train
     if not FLAGS.verbose:  # a full disk: Orbax's first error line, then quiet (its threads' pages)
