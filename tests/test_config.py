@@ -30,7 +30,7 @@ def test_base_holds_the_seeds_values():
 
 
 @pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide',
-                                  'pretrain', 'fast30_cosine'])
+                                  'pretrain', 'fast30_cosine', 'fast30_cosine_blur'])
 def test_every_shipped_config_is_valid(name):
     c = importlib.import_module(f'configs.{name}').get_config()
     c.data_dir = c.data_dir or '/data/stanford_cars'   # base.py leaves it to the user
@@ -55,6 +55,14 @@ def test_fast30_cosine_is_the_measured_cosine_run():
     from configs import fast30_cosine
     c, f = fast30_cosine.get_config(), fast30.get_config()
     assert {k for k in c if c[k] != f[k]} == {'loss'} and c.cosine_ce_weight == 0.1
+
+
+def test_fast30_cosine_blur_is_the_measured_blur_pool_run():
+    # docs/experiments.md section 6: the runs were fast30_cosine.py with --config.blur_pool=True
+    from configs import fast30_cosine
+    from configs import fast30_cosine_blur
+    c, f = fast30_cosine_blur.get_config(), fast30_cosine.get_config()
+    assert {k for k in c if c[k] != f[k]} == {'blur_pool'} and c.blur_pool is True
 
 
 def test_fast_wide_is_the_measured_10_epoch_run():
