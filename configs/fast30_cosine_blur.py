@@ -5,7 +5,8 @@ a stride-2 window that skips every other position aliases the fine detail that t
 models apart into whatever pattern the sampling grid happens to hit. A fixed [1,2,1]^2/16
 blur before each strided block's convolutions (Zhang, "Making Convolutional Networks
 Shift-Invariant Again", ICML 2019; FFCV's ResNets) removes what the stride cannot represent;
-it adds no parameters and little compute (a 3x3 blur of each strided block's input). Everything else is fast30_cosine's.
+it adds no parameters and little compute (a 3x3 blur of each strided block's input).
+Everything else is fast30_cosine's.
 Measured: docs/experiments.md, section 6 ("On top of the cosine loss").
 """
 from configs import fast30_cosine
