@@ -1,5 +1,6 @@
 """configs/ and the config checks: every bad field gives one message naming it."""
 import importlib
+import pathlib
 
 import pytest
 
@@ -29,8 +30,16 @@ def test_base_holds_the_seeds_values():
     assert tuple(c.stage_sizes) == (2, 2, 2, 2) and tuple(c.widths) == (64, 128, 256, 512)
 
 
-@pytest.mark.parametrize('name', ['base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide',
-                                  'pretrain', 'fast30_cosine', 'fast30_cosine_blur'])
+SHIPPED_CONFIGS = sorted(p.stem for p in pathlib.Path(base.__file__).parent.glob('*.py')
+                         if p.stem != '__init__')
+
+
+def test_the_shipped_configs_are_found():
+    assert {'base', 'demo', 'cars_lowres', 'fast', 'fast30', 'fast_wide', 'pretrain',
+            'fast30_cosine', 'fast30_cosine_blur'} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize('name', SHIPPED_CONFIGS)
 def test_every_shipped_config_is_valid(name):
     c = importlib.import_module(f'configs.{name}').get_config()
     c.data_dir = c.data_dir or '/data/stanford_cars'   # base.py leaves it to the user
