@@ -237,6 +237,46 @@ def test_batchnorm_matches_pytorch_train_and_eval():
     np.testing.assert_allclose(y2, (x - rm) / np.sqrt(rv + 1e-5), rtol=1e-5, atol=1e-5)
 
 
+def _numpy_bn_loss(x, scale, bias, weights):
+    """sum(weights * BatchNorm(x)) with the batch's own statistics, in float64 numpy."""
+    mean = x.mean((0, 1, 2))
+    var = ((x - mean) ** 2).mean((0, 1, 2))
+    return float(np.sum(weights * ((x - mean) / np.sqrt(var + 1e-5) * scale + bias)))
+
+
+def test_batchnorm_train_gradient_matches_finite_differences():
+    # d loss / d (x, scale, bias) of the training-mode BatchNorm (the batch's own statistics,
+    # which move with x) against central differences of the plain formula in float64 numpy.
+    rng = np.random.default_rng(1)
+    x = (1.0 + 2.0 * rng.normal(size=(3, 2, 2, 4))).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, size=4).astype(np.float32)
+    bias = rng.normal(size=4).astype(np.float32)
+    weights = rng.normal(size=x.shape).astype(np.float32)
+    bn = M.BatchNorm(use_running_average=False)
+    stats = bn.init(jax.random.key(0), x)['batch_stats']
+
+    def loss(x, scale, bias):
+        y, _ = bn.apply({'params': {'scale': scale, 'bias': bias}, 'batch_stats': stats}, x,
+                        mutable=['batch_stats'])
+        return jnp.sum(weights * y)
+
+    grads = jax.grad(loss, (0, 1, 2))(x, scale, bias)
+    args = [a.astype(np.float64) for a in (x, scale, bias)]
+    for which, grad in enumerate(grads):
+        numeric = np.zeros(args[which].shape)
+        for idx in np.ndindex(args[which].shape):
+            plus = [a.copy() for a in args]
+            minus = [a.copy() for a in args]
+            plus[which][idx] += 1e-5
+            minus[which][idx] -= 1e-5
+            numeric[idx] = (_numpy_bn_loss(*plus, weights) -
+                            _numpy_bn_loss(*minus, weights)) / 2e-5
+        np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-3)
+    # Shifting a channel changes nothing after the normalisation: the input gradient sums to
+    # zero over each channel.
+    np.testing.assert_allclose(np.asarray(grads[0]).sum((0, 1, 2)), 0, atol=1e-4)
+
+
 def test_train_mode_updates_stem_bn_running_mean_with_momentum_0p1(narrow_vars):
     v, x = narrow_vars, _images()
     _, upd = _apply(NET, v, x, train=True, rng=jax.random.key(0), mutable=('batch_stats',))
