@@ -25,7 +25,9 @@ import fixtures
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+# One block per stage (the demo's net compiles in twice the time; the loop is the same).
 TINY = ['--config=configs/demo.py', '--config.image_size=32', '--config.widths=(8,8,16,16)',
+        '--config.stage_sizes=(1,1,1,1)',
         '--config.batch_size=16', '--config.max_steps_per_epoch=4', '--config.num_epochs=2',
         '--config.log_every_steps=1']
 NUM_CLASSES, STEPS_PER_EPOCH = 4, 4
@@ -81,6 +83,7 @@ def tiny_config(data_dir, **kw):
     from configs import demo
     c = demo.get_config()
     c.data_dir, c.image_size, c.widths, c.batch_size = str(data_dir), 32, (8, 8, 16, 16), 16
+    c.stage_sizes = (1, 1, 1, 1)
     c.max_steps_per_epoch, c.num_epochs, c.log_every_steps = 4, 2, 1
     for k, v in kw.items():
         c[k] = v

@@ -17,6 +17,22 @@ def data_dir(tmp_path_factory):
     return make_colour_folders(tmp_path_factory.mktemp('cars'))
 
 
+@pytest.fixture(scope='module')
+def straight_run(data_dir, tmp_path_factory):
+    """The workdir of one uninterrupted run per config, made once per module: the resume tests
+    that stop the same config at different steps compare against the same run."""
+    runs = {}
+
+    def get(config):
+        key = config.to_json()
+        if key not in runs:
+            workdir = tmp_path_factory.mktemp('straight')
+            train_and_evaluate(config, str(workdir), quiet=True)
+            runs[key] = workdir
+        return runs[key]
+    return get
+
+
 def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
     c = run_config(data_dir)
     report = train_and_evaluate(c, str(tmp_path), quiet=True)
@@ -46,10 +62,10 @@ def test_run_writes_metrics_curves_and_reports_best(data_dir, tmp_path):
     (2, {'progressive_min_size': 8, 'progressive_end_epoch': 1}),
     (4, {'progressive_min_size': 8, 'progressive_end_epoch': 1}),
 ])
-def test_resume_continues_the_same_trajectory(data_dir, tmp_path, stop_at, overrides):
+def test_resume_continues_the_same_trajectory(data_dir, straight_run, tmp_path, stop_at,
+                                              overrides):
     c = run_config(data_dir, **overrides)
-    straight = tmp_path / 'straight'
-    train_and_evaluate(c, str(straight), quiet=True)
+    straight = straight_run(c)
     split = tmp_path / 'split'
     out = train_and_evaluate(c, str(split), stop_after_steps=stop_at, quiet=True)
     assert out == {'interrupted': True, 'step': stop_at}
