@@ -28,7 +28,8 @@ rate (and measured when every epoch ran).
 `cpu`: the train and eval step per XLA:CPU setting (`benchmarks/cpu_settings.py`: library
 backends through XLA_FLAGS, the conv form, bf16), each in a fresh process, at each size, with
 the seed's PyTorch step measured in the same run ('vs PyTorch'), and whether the setting keeps
-the numerics (a tiny net's losses over 20 steps against plain `lax.conv` float32).
+the numerics (a tiny net's losses over 20 steps, and the device augmentation of fixed images,
+against the first setting's).
 `convs`: where the train step's time goes: each of the seed's convolutions at one input size,
 its forward, input-gradient and weight-gradient pass jitted alone, as `lax.conv` and as the
 im2col + matmul form, in ms and GFLOP/s (with the process's XLA_FLAGS).
@@ -524,6 +525,7 @@ def _compare(rows: dict, settings: Sequence[str]) -> None:
     """Adds vs_pytorch / eval_vs_pytorch and the loss deviation from the first setting."""
     torch = rows.get('pytorch')
     base = rows[settings[0]].get('check_losses')
+    base_augment = rows[settings[0]].get('check_augment')
     for name in settings:
         r = rows[name]
         if 'error' in r:
@@ -533,17 +535,23 @@ def _compare(rows: dict, settings: Sequence[str]) -> None:
             r['eval_vs_pytorch'] = r['eval_images_per_s'] / torch['eval_images_per_s']
         if base is not None:
             r['max_loss_diff'] = max(abs(a - b) for a, b in zip(r['check_losses'], base))
+        if base_augment is not None:
+            r['max_augment_diff'] = max(abs(a - b)
+                                        for a, b in zip(r.pop('check_augment'), base_augment))
+    if base_augment is not None:
+        rows[settings[0]].pop('check_augment', None)
 
 
 def print_cpu_table(results: dict) -> None:
-    from benchmarks.cpu_settings import LOSS_ATOL
+    from benchmarks.cpu_settings import AUGMENT_ATOL, LOSS_ATOL
     print(f'XLA:CPU settings on {results["machine"]}: seed ResNet {results["stage_sizes"]} x '
           f'{results["widths"]}, batch {results["batch_size"]}, median [min-max] of '
           f'{results["repeats"]} x {results["steps"]} steps')
     for size, rows in results['sizes'].items():
         print(f'--- {size} px')
         print(f'{"setting":18s} {"train img/s":>22s} {"vs PyTorch":>10s} {"eval img/s":>24s} '
-              f'{"vs PyTorch":>10s} {"compile s":>9s}  numerics (20 steps vs first setting)')
+              f'{"vs PyTorch":>10s} {"compile s":>9s}  numerics vs the first setting (20 '
+              'steps; device augmentation)')
         for name, r in rows.items():
             if 'error' in r:
                 print(f'{name:18s} failed: {r["error"][:150]}')
@@ -553,6 +561,10 @@ def print_cpu_table(results: dict) -> None:
             verdict = ('' if same is None else
                        f'max |loss diff| {same:.1e} '
                        + ('(same)' if same <= LOSS_ATOL else '(differs)'))
+            aug = r.get('max_augment_diff')
+            if aug is not None:
+                verdict += (f'; augmentation {aug:.1e} '
+                            + ('(same)' if aug <= AUGMENT_ATOL else '(differs)'))
             print(f'{name:18s} {r["train_images_per_s"]:7.1f} [{tr[0]:.1f}-{tr[1]:.1f}]'
                   f'{r.get("vs_pytorch", 1.0) if name != "pytorch" else 1.0:10.2f}x'
                   f' {r["eval_images_per_s"]:8.1f} [{ev[0]:.1f}-{ev[1]:.1f}]'

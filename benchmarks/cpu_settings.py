@@ -1,10 +1,11 @@
-"""XLA:CPU settings for the seed's train and eval step: library backends, conv form, bf16.
+"""XLA:CPU settings for the seed's train and eval step: library backends, code generation,
+conv form, bf16.
 
 `python benchmarks/bench.py cpu` runs each setting of `SETTINGS` in a fresh process (XLA reads
 XLA_FLAGS once, when JAX initialises), at each image size, and the seed's PyTorch step in the
 parent, in the same run. Each child also trains a tiny net for `CHECK_STEPS` steps on fixed
-data; the parent compares those losses with the first setting's (plain `lax.conv`, float32,
-jaxlib's defaults), which says which settings keep the numerics within float tolerance.
+data and runs the device augmentation on fixed images; the parent compares both with the first
+setting's, which says which settings keep the numerics within float tolerance.
 
 A child is this file run as a script: `python benchmarks/cpu_settings.py '<json job>'`.
 """
@@ -22,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (XLA_FLAGS, config overrides). The first is the baseline of the numerics check.
 YNN_ALL = 'individual_convolution,individual_dot,dot,eltwise,reduce'
+OPT_PRESET_FLAG = '--xla_cpu_opt_preset'
 SETTINGS: dict[str, tuple[str, dict]] = {
     'xla': ('', {'conv_impl': 'xla'}),
     'auto': ('', {'conv_impl': 'auto'}),
@@ -32,6 +34,19 @@ SETTINGS: dict[str, tuple[str, dict]] = {
                         'XNN_GRAPH_FUSION_MODE_GREEDY', {'conv_impl': 'auto'}),
     'auto+onednn': ('--xla_cpu_use_onednn=true', {'conv_impl': 'auto'}),
     'auto+xnnpack': ('--xla_cpu_use_xnnpack=true', {'conv_impl': 'auto'}),
+    # XLA:CPU's code generation on top of auto+no_ynn_conv: 512-bit vectors in its own loops
+    # (256 by default), its optimisation presets, its concurrency-optimised thunk scheduler.
+    'auto+vec512': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
+                    '--xla_cpu_prefer_vector_width=512', {'conv_impl': 'auto'}),
+    'auto+fast_runtime': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
+                          f'{OPT_PRESET_FLAG}=CPU_OPT_PRESET_FAST_RUNTIME',
+                          {'conv_impl': 'auto'}),
+    'auto+fast_compile': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
+                          f'{OPT_PRESET_FLAG}=CPU_OPT_PRESET_FAST_COMPILE',
+                          {'conv_impl': 'auto'}),
+    'auto+concurrency': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
+                         '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED',
+                         {'conv_impl': 'auto'}),
     'matmul': ('', {'conv_impl': 'matmul'}),
     'auto+bf16': ('', {'conv_impl': 'auto', 'dtype': 'bfloat16'}),
     # bf16 matmul convolutions: the dots (backward ones included, their cotangents are bf16
@@ -47,6 +62,9 @@ CHECK_STEPS = 20
 # Losses of a float32 setting within this of the baseline's after CHECK_STEPS steps: the same
 # numerics up to summation order. bf16 rounds every activation and is reported, not judged.
 LOSS_ATOL = 1e-3
+# The device augmentation's output within this of the baseline's (normalised units; float32
+# rounding moves it by ~1e-6).
+AUGMENT_ATOL = 1e-4
 
 
 def child_command(job: dict) -> list[str]:
@@ -106,6 +124,32 @@ def check_losses(overrides: dict, steps: int = CHECK_STEPS) -> list[float]:
     return losses
 
 
+def check_augment(image_size: int = 16) -> list[float]:
+    """The device augmentation (every op on, as a train step draws and applies it in one jitted
+    program) of 4 fixed smooth images: the largest program of elementwise code XLA generates
+    itself in this project, where a setting that compiles such code differently shows (the
+    fast-compile preset did: BENCHMARKS.md). Rounded to 1e-6, flattened."""
+    import jax
+    import numpy as np
+
+    from cars_jax.data import augment, device_augment
+    h, w = 48, 64                                        # the originals' size; the cache is 40
+    y, x = np.mgrid[0:40, 0:40] / 40.0
+    img = np.stack([128 + 90 * np.sin(2 * np.pi * (0.8 * x + 0.3 * y)),
+                    128 + 80 * np.cos(2 * np.pi * (0.5 * x - 0.7 * y) + 1),
+                    128 + 70 * np.sin(2 * np.pi * 1.1 * y + 0.5) * np.cos(np.pi * x)], -1)
+    images = np.stack([np.clip(img, 0, 255).round().astype(np.uint8)] * 4)
+    cfg = augment.AugmentConfig(image_size=image_size)
+
+    @jax.jit
+    def draw_and_augment(key, images, hw):
+        params = device_augment.sample_device_params(key, hw, cfg)
+        return device_augment.augment_batch(images, params, cfg)
+
+    out = draw_and_augment(jax.random.key(0), images, np.tile([[h, w]], (4, 1)))
+    return np.round(np.asarray(out, np.float64), 6).ravel().tolist()
+
+
 def _child(job: dict) -> None:
     sys.path.insert(0, ROOT)
     import benchmarks.bench as bench
@@ -117,6 +161,7 @@ def _child(job: dict) -> None:
                             config_overrides=overrides)
     row = result['rows'][0]
     row['check_losses'] = check_losses(job['overrides'])
+    row['check_augment'] = check_augment()
     row['xla_flags'] = os.environ.get('XLA_FLAGS', '')
     print(json.dumps(row))
 
