@@ -19,8 +19,8 @@ MAIN = os.path.join(ROOT, 'main.py')
 
 def _args(data_dir, workdir):
     return [MAIN, '--config=configs/demo.py', '--config.data_source=folders',
-            f'--config.data_dir={data_dir}', '--config.num_classes=0', '--config.image_size=32',
-            '--config.widths=(4,8,8,8)', '--config.stage_sizes=(1,1,1,1)', '--config.batch_size=8',
+            f'--config.data_dir={data_dir}', '--config.num_classes=0', '--config.image_size=16',
+            '--config.widths=(4,8)', '--config.stage_sizes=(1,1)', '--config.batch_size=8',
             '--config.max_steps_per_epoch=0', '--config.num_epochs=2',
             '--config.log_every_steps=2', f'--workdir={workdir}']
 
@@ -69,7 +69,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     log = open(two / 'log.txt').read()
     assert log.count('Epoch 1/2') == 1 and log.count('Epoch 2/2') == 1
 
-    c = run_config(data_dir, image_size=32, widths=(4, 8, 8, 8), stage_sizes=(1, 1, 1, 1))
+    c = run_config(data_dir, image_size=16, widths=(4, 8), stage_sizes=(1, 1))
     a, _ = restore_latest(one, c)
     b, _ = restore_latest(two, c)
     assert int(a.step) == int(b.step) == 2 * 3      # 20 images: batches of 8, 8, 4 per epoch
