@@ -107,10 +107,14 @@ def test_step_rows_and_ratios():
 def test_cpu_settings_run_in_their_own_process_and_the_numerics_check_can_fail(monkeypatch):
     """Each setting runs in a child with its XLA_FLAGS; the YNNPACK fusions (the CPU default of
     main.py) keep the baseline's 20-step losses and augmentation, bf16 moves the losses past the
-    tolerance, XLA:CPU's fast-compile preset the device augmentation (a program it compiles
-    wrongly), and an unknown XLA flag is a row with the child's error, not a crash."""
+    tolerance and XLA:CPU's fast-compile preset the device augmentation (a program it compiles
+    wrongly: one child with both, to save a compile), and an unknown XLA flag is a row with the
+    child's error, not a crash."""
     from benchmarks import cpu_settings
-    settings = ['xla', 'auto+no_ynn_conv', 'auto+bf16', 'auto+fast_compile']
+    fast_flags = cpu_settings.SETTINGS['auto+fast_compile'][0]
+    monkeypatch.setitem(cpu_settings.SETTINGS, 'auto+bf16+fast_compile',
+                        (fast_flags, cpu_settings.SETTINGS['auto+bf16'][1]))
+    settings = ['xla', 'auto+no_ynn_conv', 'auto+bf16+fast_compile']
     r = bench.run_cpu([16], settings, 4, 2, 2, num_classes=3, use_torch=False, **TINY_NET)
     rows = r['sizes']['16']
     assert list(rows) == settings and 'pytorch' not in rows
@@ -119,8 +123,8 @@ def test_cpu_settings_run_in_their_own_process_and_the_numerics_check_can_fail(m
     assert len(rows['xla']['check_losses']) == cpu_settings.CHECK_STEPS
     assert rows['auto+no_ynn_conv']['max_loss_diff'] <= cpu_settings.LOSS_ATOL
     assert rows['auto+no_ynn_conv']['max_augment_diff'] <= cpu_settings.AUGMENT_ATOL
-    assert rows['auto+bf16']['max_loss_diff'] > cpu_settings.LOSS_ATOL
-    assert rows['auto+fast_compile']['max_augment_diff'] > cpu_settings.AUGMENT_ATOL
+    assert rows['auto+bf16+fast_compile']['max_loss_diff'] > cpu_settings.LOSS_ATOL
+    assert rows['auto+bf16+fast_compile']['max_augment_diff'] > cpu_settings.AUGMENT_ATOL
     bench.print_cpu_table(r)
     monkeypatch.setitem(cpu_settings.SETTINGS, '_bad', ('--xla_cpu_no_such_flag=1', {}))
     row = cpu_settings.run_child('_bad', 16, 4, 1, 1, TINY_NET['widths'],
