@@ -126,8 +126,8 @@ def check_losses(overrides: dict, steps: int = CHECK_STEPS) -> list[float]:
 
 def check_augment(image_size: int = 16) -> list[float]:
     """The device augmentation (every op on, as a train step draws and applies it in one jitted
-    program) of 4 fixed smooth images: the largest program of elementwise code XLA generates
-    itself in this project, where a setting that compiles such code differently shows (the
+    program) of 4 fixed smooth images: a large program of elementwise code that XLA generates
+    itself (no library kernels), where a setting that compiles such code wrongly shows (the
     fast-compile preset did: BENCHMARKS.md). Rounded to 1e-6, flattened."""
     import jax
     import numpy as np
