@@ -24,11 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (XLA_FLAGS, config overrides). The first is the baseline of the numerics check.
 YNN_ALL = 'individual_convolution,individual_dot,dot,eltwise,reduce'
 OPT_PRESET_FLAG = '--xla_cpu_opt_preset'
+NO_YNN_CONV = f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES}'   # main.py's CPU flag
 SETTINGS: dict[str, tuple[str, dict]] = {
     'xla': ('', {'conv_impl': 'xla'}),
     'auto': ('', {'conv_impl': 'auto'}),
-    'auto+no_ynn_conv': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES}',
-                         {'conv_impl': 'auto'}),       # main.py's default, by construction
+    'auto+no_ynn_conv': (NO_YNN_CONV, {'conv_impl': 'auto'}),   # main.py's default, by construction
     'auto+ynn_all': (f'--xla_cpu_experimental_ynn_fusion_type={YNN_ALL}', {'conv_impl': 'auto'}),
     'auto+xnn_greedy': ('--xla_cpu_experimental_xnn_graph_fusion_mode='
                         'XNN_GRAPH_FUSION_MODE_GREEDY', {'conv_impl': 'auto'}),
@@ -36,23 +36,19 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     'auto+xnnpack': ('--xla_cpu_use_xnnpack=true', {'conv_impl': 'auto'}),
     # XLA:CPU's code generation on top of auto+no_ynn_conv: 512-bit vectors in its own loops
     # (256 by default), its optimisation presets, its concurrency-optimised thunk scheduler.
-    'auto+vec512': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
-                    '--xla_cpu_prefer_vector_width=512', {'conv_impl': 'auto'}),
-    'auto+fast_runtime': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
-                          f'{OPT_PRESET_FLAG}=CPU_OPT_PRESET_FAST_RUNTIME',
+    'auto+vec512': (f'{NO_YNN_CONV} --xla_cpu_prefer_vector_width=512', {'conv_impl': 'auto'}),
+    'auto+fast_runtime': (f'{NO_YNN_CONV} {OPT_PRESET_FLAG}=CPU_OPT_PRESET_FAST_RUNTIME',
                           {'conv_impl': 'auto'}),
-    'auto+fast_compile': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
-                          f'{OPT_PRESET_FLAG}=CPU_OPT_PRESET_FAST_COMPILE',
+    'auto+fast_compile': (f'{NO_YNN_CONV} {OPT_PRESET_FLAG}=CPU_OPT_PRESET_FAST_COMPILE',
                           {'conv_impl': 'auto'}),
-    'auto+concurrency': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES} '
+    'auto+concurrency': (f'{NO_YNN_CONV} '
                          '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED',
                          {'conv_impl': 'auto'}),
     'matmul': ('', {'conv_impl': 'matmul'}),
     'auto+bf16': ('', {'conv_impl': 'auto', 'dtype': 'bfloat16'}),
     # bf16 matmul convolutions: the dots (backward ones included, their cotangents are bf16
     # too) are where AMX/AVX512-BF16 could pay; with oneDNN for the dots as well.
-    'matmul+bf16': (f'{runtime.YNN_FUSION_FLAG}={runtime.YNN_FUSION_TYPES}',
-                    {'conv_impl': 'matmul', 'dtype': 'bfloat16'}),
+    'matmul+bf16': (NO_YNN_CONV, {'conv_impl': 'matmul', 'dtype': 'bfloat16'}),
     'matmul+bf16+onednn': ('--xla_cpu_use_onednn=true',
                            {'conv_impl': 'matmul', 'dtype': 'bfloat16'}),
     'matmul+bf16+ynn_dot': ('--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot',
