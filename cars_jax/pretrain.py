@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from cars_jax.checkpoints import latest_manager, restore_checkpoint, save_checkpoint
 from cars_jax.config import (ConfigError, check_same_fields, check_same_split, incompatible_fields,
@@ -34,7 +33,7 @@ from cars_jax.fileio import write_json_atomic
 from cars_jax.losses import nt_xent_loss
 from cars_jax.model import ContrastiveNet, build_model, init_variables
 from cars_jax.optim import make_optimizer
-from cars_jax.steps import TrainState, keep_if_finite
+from cars_jax.steps import TrainState, apply_gradients_if_finite
 
 # What the supervised run must share with the pretraining it starts from: the backbone's
 # shapes, and the split (`config.check_same_split`).
@@ -71,11 +70,11 @@ def pretrain_step(state: TrainState, batch: dict, temperature: float = 0.2
 
     (loss, (hits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state['batch_stats'])
-    new_state, finite = keep_if_finite(new_state, state, loss, grads)
+    new_state, finite, grad_norm = apply_gradients_if_finite(
+        state, grads, new_model_state['batch_stats'], loss)
     return new_state, {'loss': loss, 'positive_hits': hits, 'finite': finite.astype(jnp.float32),
                        'lr': jnp.asarray(state.lr_schedule(state.step), jnp.float32),
-                       'grad_norm': optax.tree.norm(grads)}
+                       'grad_norm': grad_norm}
 
 
 def with_backbone(state: TrainState, backbone: dict) -> TrainState:

@@ -78,14 +78,37 @@ def _tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def keep_if_finite(new_state: TrainState, state: TrainState, loss: jax.Array,
-                   grads: Any) -> tuple[TrainState, jax.Array]:
-    """`new_state` where the loss, the gradients and the updated weights are all finite, else
-    the old `state` (step included: the caller stops), and that flag. Finite gradients can
-    still overflow in the update (a huge lr): so what would be kept is checked too."""
-    finite = (jnp.isfinite(loss) & _tree_all_finite(grads)
-              & _tree_all_finite((new_state.params, new_state.batch_stats)))
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), finite
+def _updated(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
+    """The optimiser's step, new BatchNorm statistics, and the EMA when one is kept."""
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema is None:
+        return new_state
+    decay = ema_decay_at(state.ema_decay, new_state.step)
+    live = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
+    return new_state.replace(ema=optax.incremental_update(live, state.ema,
+                                                          step_size=1.0 - decay))
+
+
+def apply_gradients_if_finite(state: TrainState, grads: Any, batch_stats: Any, loss: jax.Array
+                              ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """(new state, finite flag, gradient norm): the optimiser's step (and EMA) where the loss,
+    the gradients' global norm, the new BatchNorm statistics and the parameters the update gives
+    are all finite; else `state` unchanged, step included (the caller stops or skips), so a NaN
+    never reaches parameters or checkpoints. Finite gradients can still overflow in the update
+    (a huge lr): hence the check of the new parameters. A norm that overflows float32 (an
+    element beyond ~1e19, where Adam's second moment would overflow too) counts as non-finite.
+
+    Why a `lax.cond` around the update, not a select between the old and the new state after
+    it: the step then updates the donated state in place in one pass, and the check costs one
+    more elementwise pass of the optimiser's arithmetic. Keeping both states alive and
+    selecting between them made the seed's train step 13% slower (64 px, CPU) and its compile
+    ~5 s longer (BENCHMARKS.md, profile section)."""
+    grad_norm = optax.tree.norm(grads)
+    updates, _ = state.tx.update(grads, state.opt_state, state.params)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_all_finite(batch_stats)
+              & _tree_all_finite(optax.apply_updates(state.params, updates)))
+    new_state = jax.lax.cond(finite, lambda: _updated(state, grads, batch_stats), lambda: state)
+    return new_state, finite, grad_norm
 
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothing: float = 0.05,
@@ -110,8 +133,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
     (the same coin, lam and partners), so a mixed image's target is the prediction on the
     same mixture of its classes' other images.
 
-    A non-finite loss or gradient leaves the state unchanged and reports `finite=0`, so a
-    NaN can never reach parameters or checkpoints; the caller decides to stop.
+    A non-finite loss, gradient, BatchNorm statistic or update leaves the state unchanged and
+    reports `finite=0` (`apply_gradients_if_finite`), so a NaN can never reach parameters or
+    checkpoints; the caller decides to stop.
     Train accuracy is measured against the *original* labels (labels_a), also on MixUp batches
     (`mixed` says which), as the seed did.
     """
@@ -148,19 +172,14 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, label_smoothi
 
     (value, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state['batch_stats'])
-    if state.ema is not None:
-        decay = ema_decay_at(state.ema_decay, new_state.step)
-        live = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
-        new_state = new_state.replace(
-            ema=optax.incremental_update(live, state.ema, step_size=1.0 - decay))
-    new_state, finite = keep_if_finite(new_state, state, value, grads)
+    new_state, finite, grad_norm = apply_gradients_if_finite(
+        state, grads, new_model_state['batch_stats'], value)
     metrics = {
         'loss': value,
         'accuracy': jnp.mean(topk_correct(logits, labels_a, 1)),
         'mixed': (lam < 1.0).astype(jnp.float32),
         'lr': jnp.asarray(state.lr_schedule(state.step), jnp.float32),
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         'finite': finite.astype(jnp.float32),
     }
     return new_state, metrics

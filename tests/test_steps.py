@@ -4,8 +4,8 @@ import ml_collections
 import pytest
 import numpy as np
 
-from cars_jax.steps import (create_train_state, eval_step, make_steps, mix_hyperparameters,
-                            predict_step, train_step)
+from cars_jax.steps import (apply_gradients_if_finite, create_train_state, eval_step, make_steps,
+                            mix_hyperparameters, predict_step, train_step)
 from fixtures import numpy_smoothed_ce, tiny_batch, tiny_config
 
 
@@ -62,6 +62,47 @@ def test_an_update_that_overflows_leaves_state_untouched():
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
         np.testing.assert_array_equal(a, b)
     assert int(new.step) == int(state.step)
+
+
+def test_the_update_is_applied_only_when_every_part_is_finite():
+    """Finite loss, gradients and statistics give optax's AdamW step (applied here by hand) and
+    the gradients' numpy norm; a NaN or inf in one gradient element, a gradient whose norm
+    overflows float32, a NaN statistic or a NaN loss leave every leaf and the step as they were."""
+    import optax
+    c = tiny_config()
+    state = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), state.params)
+    stats = jax.tree.map(lambda x: np.asarray(x) + 0.5, state.batch_stats)
+    step = jax.jit(apply_gradients_if_finite)
+
+    new, finite, norm = step(state, grads, stats, np.float32(1.0))
+    updates, _ = state.tx.update(grads, state.opt_state, state.params)
+    expected = optax.apply_updates(state.params, updates)
+    assert bool(finite) and int(new.step) == 1
+    np.testing.assert_allclose(float(norm), np.sqrt(sum(
+        (np.asarray(g, np.float64) ** 2).sum() for g in jax.tree.leaves(grads))), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(stats)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+    def with_element(tree, value):
+        leaves, treedef = jax.tree.flatten(tree)
+        leaves = [np.array(x) for x in leaves]
+        leaves[-1].flat[0] = value
+        return jax.tree.unflatten(treedef, leaves)
+
+    for bad_grads, bad_stats, loss in ((with_element(grads, np.nan), stats, 1.0),
+                                       (with_element(grads, np.inf), stats, 1.0),
+                                       (with_element(grads, 1e20), stats, 1.0),
+                                       (grads, with_element(stats, np.nan), 1.0),
+                                       (grads, stats, np.nan)):
+        kept, finite, _ = step(state, bad_grads, bad_stats, np.float32(loss))
+        assert not bool(finite) and int(kept.step) == 0
+        for a, b in zip(jax.tree.leaves((kept.params, kept.batch_stats, kept.opt_state)),
+                        jax.tree.leaves((state.params, state.batch_stats, state.opt_state))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_eval_step_matches_numpy_and_respects_mask():
