@@ -10,7 +10,7 @@ import pytest
 from cars_jax.data import pipeline
 from cars_jax.data.augment import AugmentConfig
 from cars_jax.data.sources import Record
-from cars_jax.mixup import mixup
+from cars_jax.mixup import mixup, symmetric_beta
 from cars_jax.steps import create_train_state, make_steps
 from cars_jax.train import train_and_evaluate
 from fixtures import (make_colour_folders, numpy_smoothed_ce, run_config, tiny_batch,
@@ -113,7 +113,7 @@ def test_the_step_adds_w_t2_kl_to_the_nets_own_prediction_on_the_pairs(mixed):
     if mixed:
         mix_rng = jax.random.split(rng)[0]                 # train_step's mixing key
         _, k_lam, k_perm = jax.random.split(mix_rng, 3)
-        lam = min(max(float(jax.random.beta(k_lam, c.mixup_alpha, c.mixup_alpha)), 0.0), 1.0)
+        lam = float(symmetric_beta(k_lam, c.mixup_alpha))
         perm = np.asarray(jax.random.permutation(k_perm, len(labels)))
         images = lam * images + (1 - lam) * images[perm]   # numpy: float64 mixing
         pairs = lam * pairs + (1 - lam) * pairs[perm]
