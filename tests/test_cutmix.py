@@ -90,8 +90,8 @@ def test_keeps_integer_images_exact():
 def test_coin_share_and_mean_lam():
     """Share of mixed batches ~ prob (binomial, 4 sd); with alpha 1 the raw lam is uniform, and
     clipping at the border only shrinks the box, so the kept share averages above 0.5. The coin
-    is read from its documented key: a mixed batch can draw the identity permutation (1 in
-    40,320), which leaves the labels as they were."""
+    is read from its documented key: a mixed batch can draw the identity permutation (1 in 6! =
+    720), which leaves the labels as they were."""
     keys = jax.random.split(jax.random.key(1), 3000)
     _, _, lb, lam = jax.tree.map(np.asarray, jax.jit(jax.vmap(lambda k: cutmix(
         k, jnp.asarray(IMAGES), jnp.asarray(LABELS), 1.0, 0.3)))(keys))
