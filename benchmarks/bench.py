@@ -289,7 +289,7 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
     import jax
     import numpy as np
 
-    from cars_jax.steps import create_train_state, make_steps
+    from cars_jax.steps import create_train_state, make_steps, replicated_sharding
     rows, notes = [], []
     rng = np.random.default_rng(0)
     batch = {'image': rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
@@ -298,7 +298,9 @@ def run_step(image_size: int, batch_size: int, steps: int, repeats: int,
     for impl in impls:
         c = seed_config(image_size=image_size, batch_size=batch_size, conv_impl=impl, **arch,
                         **(config_overrides or {}))
-        state = create_train_state(c, jax.random.PRNGKey(0), num_classes, 100)
+        # placed where the steps keep it (as main.py does): the first call's program serves all
+        state = jax.device_put(create_train_state(c, jax.random.PRNGKey(0), num_classes, 100),
+                               replicated_sharding())
         train, evaluate = make_steps(c)
         t = time.perf_counter()
         state, m = train(state, batch, jax.random.PRNGKey(0))

@@ -105,13 +105,14 @@ def check_losses(overrides: dict, steps: int = CHECK_STEPS) -> list[float]:
     import numpy as np
 
     from benchmarks.bench import seed_config
-    from cars_jax.steps import create_train_state, make_steps
+    from cars_jax.steps import create_train_state, make_steps, replicated_sharding
     c = seed_config(image_size=16, batch_size=8, widths=(4, 8), stage_sizes=(1, 1),
                     learning_rate=1e-2, **overrides)
     rng = np.random.default_rng(0)
     batch = {'image': rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
              'label': (np.arange(8) % 3).astype(np.int32)}
-    state = create_train_state(c, jax.random.PRNGKey(0), 3, steps)
+    state = jax.device_put(create_train_state(c, jax.random.PRNGKey(0), 3, steps),
+                           replicated_sharding())
     train, _ = make_steps(c)
     losses = []
     for i in range(steps):

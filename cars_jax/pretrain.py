@@ -33,7 +33,7 @@ from cars_jax.fileio import write_json_atomic
 from cars_jax.losses import nt_xent_loss
 from cars_jax.model import ContrastiveNet, build_model, init_variables
 from cars_jax.optim import make_optimizer
-from cars_jax.steps import TrainState, apply_gradients_if_finite
+from cars_jax.steps import TrainState, apply_gradients_if_finite, replicated_sharding
 
 # What the supervised run must share with the pretraining it starts from: the backbone's
 # shapes, and the split (`config.check_same_split`).
@@ -147,6 +147,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *,
                           'images do not fill one batch; use a smaller batch.')
     state = create_pretrain_state(config, jax.random.split(jax.random.PRNGKey(config.seed))[0],
                                   steps_per_epoch)
+    # committed to the device as a restored state is: a resumed pretraining compiles its step once
+    state = jax.device_put(state, replicated_sharding())
     mgr = latest_manager(workdir)
     state, epoch, iterator = _resume_pretraining(mgr, state, config, workdir, log)
     log(f'SimCLR pretraining: {len(data.train)} train images (labels unused; {len(data.val)} '

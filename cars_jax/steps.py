@@ -7,6 +7,7 @@ MixUp lambda, AdamW under the one-cycle schedule. No globals, no I/O: wrap it in
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -259,6 +260,14 @@ def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), ('data',))
 
 
+def replicated_sharding(mesh: Mesh | None = None) -> NamedSharding:
+    """Where the train state lives: replicated over `mesh`, or on the first device without one.
+    The steps of `make_steps` take and return it there; a state put there before the first
+    step (`jax.device_put(state, replicated_sharding(mesh))`) meets the program compiled for it
+    on every call, fresh or restored."""
+    return NamedSharding(mesh if mesh is not None else data_parallel_mesh(jax.devices()[:1]), P())
+
+
 def mix_hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
     """The train step's loss and batch-mixing keywords from a config."""
     return dict(label_smoothing=float(config.label_smoothing),
@@ -273,13 +282,16 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
                teacher_apply: Callable | None = None) -> tuple[Callable, Callable]:
     """train_step / eval_step with the config's hyperparameters bound, each jitted once.
 
-    The state is donated to the train step: XLA updates parameters in place. With a `mesh`
+    The state is donated to the train step: XLA updates parameters in place. Both steps take
+    and return the state at `replicated_sharding(mesh)` (without a mesh: the first device),
+    wherever it comes from, so a fresh and a restored state run the same compiled program (put
+    a fresh one there first to skip a second trace at the first step). With a `mesh`
     (data parallelism without pmap): batches are sharded over its 'data' axis and the state
     replicated; XLA's SPMD partitioner inserts the gradient all-reduce, and BatchNorm's batch
     statistics are means over the *global* batch, so the trajectory equals one device's.
     With `device_aug` the train step takes decode-once cache batches and augments them itself
-    (`train_step_cached`); its static `image_size` argument is the augmentation's output size
-    when it is not device_aug's (progressive resizing; each size compiles once). With
+    (`train_step_cached`); its `image_size` keyword is the augmentation's output size when it
+    is not device_aug's (progressive resizing; each size compiles once). With
     `teacher_apply` (distillation) the train step takes the teacher's variables as its 4th
     argument: `train_fn(state, batch, rng, teacher)`. With config.cskd_weight > 0 (CS-KD) the
     batches carry 'pair_image' (and, on the device path, 'pair_orig_hw').
@@ -302,15 +314,37 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
                                      flip_tta=bool(config.eval_flip_tta),
                                      loss=str(config.loss),
                                      cosine_ce_weight=float(config.cosine_ce_weight))
-    static = {'static_argnames': ('image_size',)}
-    if mesh is None or mesh.size == 1:
-        return jax.jit(train_fn, donate_argnums=(0,), **static), jax.jit(eval_fn)
+    # Shardings are given on one device too: without them, the program XLA compiles depends on
+    # whether the arguments are committed to a device (a fresh state is not, a restored one
+    # is, and a step's outputs are if any input was), so a resumed run compiled each step
+    # twice more (first with the restored state, then with its own outputs) than a fresh one.
+    mesh = replicated_sharding(mesh).mesh
     if config.batch_size % mesh.size:
         raise ValueError(f'--config.batch_size={config.batch_size} must be divisible by the '
                          f'{mesh.size} devices of the data-parallel mesh.')
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     teacher_in = (replicated,) if teacher_apply is not None else ()
-    train = jax.jit(train_fn, in_shardings=(replicated, split, replicated) + teacher_in,
-                    out_shardings=(replicated, replicated), donate_argnums=(0,), **static)
+    jit_train = functools.partial(jax.jit, donate_argnums=(0,),
+                                  in_shardings=(replicated, split, replicated) + teacher_in,
+                                  out_shardings=(replicated, replicated))
+    if device_aug is None:
+        train = jit_train(train_fn)
+    else:   # jit takes no keyword arguments once shardings are given: one program per size
+        train = _PerImageSize(lambda size: jit_train(functools.partial(train_fn, image_size=size)),
+                              device_aug.image_size)
     evaluate = jax.jit(eval_fn, in_shardings=(replicated, split), out_shardings=replicated)
     return train, evaluate
+
+
+class _PerImageSize:
+    """The device path's train step called as `train(state, batch, rng[, teacher],
+    image_size=None)`: a jitted program per augmentation output size, made on first use."""
+
+    def __init__(self, make: Callable[[int | None], Callable], default_size: int):
+        self._make, self._default, self._by_size = make, default_size, {}
+
+    def __call__(self, state, batch, rng, *teacher, image_size=None):
+        size = None if image_size == self._default else image_size
+        if size not in self._by_size:
+            self._by_size[size] = self._make(size)
+        return self._by_size[size](state, batch, rng, *teacher)

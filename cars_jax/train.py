@@ -51,7 +51,7 @@ from cars_jax.data.cache import build_cache, cache_size_for
 from cars_jax.distill import load_teacher
 from cars_jax.distributed import global_batch, host_local, replicate
 from cars_jax.steps import (TrainState, augment_on_device, create_train_state, data_parallel_mesh,
-                            make_steps, mix_hyperparameters)
+                            make_steps, mix_hyperparameters, replicated_sharding)
 
 
 class TrainingError(RuntimeError):
@@ -179,6 +179,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data: DataBundle,
     state = create_train_state(config, init_rng, len(data.class_names), steps_per_epoch)
     if jax.process_count() > 1:
         state = replicate(state, mesh)
+    else:   # committed where the steps expect it: a fresh and a resumed run share one program
+        state = jax.device_put(state, replicated_sharding(mesh))
     on_device = augment_on_device(config.augment_on, jax.default_backend())
     cache = None
     if on_device:

@@ -5,7 +5,7 @@ import pytest
 import numpy as np
 
 from cars_jax.steps import (apply_gradients_if_finite, create_train_state, eval_step, make_steps,
-                            mix_hyperparameters, predict_step, train_step)
+                            mix_hyperparameters, predict_step, replicated_sharding, train_step)
 from fixtures import numpy_smoothed_ce, tiny_batch, tiny_config
 
 
@@ -136,6 +136,25 @@ def test_make_steps_binds_config_and_donates_state():
     state, m = train(state, tiny_batch(), jax.random.PRNGKey(2))
     assert float(m['mixed']) == 1.0  # mixup_prob=1 from the config reached the step
     assert float(evaluate(state, tiny_batch())['count']) == 8
+
+
+def test_a_fresh_a_committed_and_a_stepped_state_run_one_program():
+    """A fresh state's arrays are not committed to a device; a restored one's and a step's
+    outputs are. The program each step compiles must not depend on that, or a resumed run
+    compiles its steps twice more than a fresh one (seconds each for the seed's net)."""
+    c = tiny_config()
+    train, evaluate = make_steps(c)
+    fresh = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
+    placed = jax.device_put(create_train_state(c, jax.random.PRNGKey(0), num_classes=3,
+                                               steps_per_epoch=10), replicated_sharding())
+    committed_params = fresh.replace(params=jax.device_put(fresh.params, jax.devices()[0]))
+    batch, rng = tiny_batch(), jax.random.PRNGKey(2)
+    programs = {train.lower(s, batch, rng).as_text() for s in (fresh, placed, committed_params)}
+    assert len(programs) == 1
+    assert len({evaluate.lower(s, batch).as_text() for s in (fresh, placed, committed_params)}) == 1
+    stepped, _ = train(placed, batch, rng)
+    assert stepped.params['conv1']['kernel'].sharding == replicated_sharding()
+    assert train.lower(stepped, batch, rng).as_text() in programs
 
 
 def test_make_steps_passes_cutmix_and_format_1_runs_read_without_it():
