@@ -44,6 +44,12 @@ class TrainState(train_state.TrainState):
                                                                        default=None)
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
+    @classmethod
+    def create(cls, **kwargs) -> 'TrainState':
+        """flax's, with `step` an int32 array as a restored checkpoint's is: flax's weakly typed
+        0 traces to another program, so a resumed run would compile its steps anew."""
+        return super().create(**kwargs).replace(step=jnp.zeros((), jnp.int32))
+
 
 def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
     """The decay used after optimiser step `step` (1-based): min(decay, (1 + step) / (10 + step)),

@@ -138,20 +138,28 @@ def test_make_steps_binds_config_and_donates_state():
     assert float(evaluate(state, tiny_batch())['count']) == 8
 
 
-def test_a_fresh_a_committed_and_a_stepped_state_run_one_program():
+def test_fresh_restored_and_stepped_states_run_one_program(tmp_path):
     """A fresh state's arrays are not committed to a device; a restored one's and a step's
-    outputs are. The program each step compiles must not depend on that, or a resumed run
-    compiles its steps twice more than a fresh one (seconds each for the seed's net)."""
+    outputs are, and a restored step counter is not weakly typed. The program each step
+    compiles (and the persistent cache's key) must not depend on either, or a resumed run
+    compiles its steps anew (seconds each for the seed's net)."""
+    from cars_jax.checkpoints import latest_manager, restore_checkpoint, save_checkpoint
     c = tiny_config()
     train, evaluate = make_steps(c)
     fresh = create_train_state(c, jax.random.PRNGKey(0), num_classes=3, steps_per_epoch=10)
     placed = jax.device_put(create_train_state(c, jax.random.PRNGKey(0), num_classes=3,
                                                steps_per_epoch=10), replicated_sharding())
     committed_params = fresh.replace(params=jax.device_put(fresh.params, jax.devices()[0]))
+    mgr = latest_manager(str(tmp_path))
+    save_checkpoint(mgr, placed, {'epoch': 0})
+    mgr.wait_until_finished()
+    restored, _ = restore_checkpoint(mgr, placed)
+    mgr.close()
+    states = (fresh, placed, committed_params, restored)
     batch, rng = tiny_batch(), jax.random.PRNGKey(2)
-    programs = {train.lower(s, batch, rng).as_text() for s in (fresh, placed, committed_params)}
+    programs = {train.lower(s, batch, rng).as_text() for s in states}
     assert len(programs) == 1
-    assert len({evaluate.lower(s, batch).as_text() for s in (fresh, placed, committed_params)}) == 1
+    assert len({evaluate.lower(s, batch).as_text() for s in states}) == 1
     stepped, _ = train(placed, batch, rng)
     assert stepped.params['conv1']['kernel'].sharding == replicated_sharding()
     assert train.lower(stepped, batch, rng).as_text() in programs
