@@ -78,7 +78,7 @@ def define_flags() -> None:
                         "of the 'vs torch' column); empty: no torch rows.")
     flags.DEFINE_string('out', 'runs/bench.json', 'Where to write the JSON results.')
     flags.DEFINE_integer('steps', 5, 'step: timed steps per repeat (after one compile step); '
-                         'profile: profiled calls.')
+                         'profile: profiled calls; resume: train steps per phase.')
     flags.DEFINE_string('conv_impls', 'xla,auto', 'step: conv implementations to compare.')
     flags.DEFINE_bool('torch', True, 'step/loader: add the PyTorch rows when torch imports.')
     flags.DEFINE_string('widths', '', 'step/fused: network widths, e.g. 16,32,64,128 (empty: '
@@ -777,13 +777,13 @@ def print_profile_table(r: dict) -> None:
         f'{k} {ms:.1f}' for k, ms in r['max_pool_ms'].items()))
 
 
-MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts', 'profile')
+MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts', 'profile', 'resume')
 
 
 def main(argv) -> None:
     if len(argv) < 2 or argv[1] not in MODES:
         raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused|cpu|convs|'
-                             'parts|profile [--flags]')
+                             'parts|profile|resume [--flags]')
     arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
                 stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
     if argv[1] != 'cpu':   # the XLA:CPU defaults main.py runs with (cpu sets its own per child)
@@ -811,6 +811,10 @@ def main(argv) -> None:
         results = run_profile(FLAGS.image_size, FLAGS.batch_size, FLAGS.steps,
                               num_classes=FLAGS.num_classes, use_torch=FLAGS.torch, **arch)
         print_profile_table(results)
+    elif argv[1] == 'resume':
+        from benchmarks.resume import print_resume_table, run_resume
+        results = run_resume(FLAGS.steps)
+        print_resume_table(results)
     elif argv[1] == 'cpu':
         from benchmarks.cpu_settings import SETTINGS
         results = run_cpu(_ints(FLAGS.sizes, ()), FLAGS.settings.split(',') if FLAGS.settings

@@ -324,3 +324,25 @@ def test_profile_runs_both_stacks_on_a_tiny_net(capsys):
     assert all(ms > 0 for ms in r['max_pool_ms'].values())
     bench.print_profile_table(r)
     assert 'max-pool' in capsys.readouterr().out
+
+
+def test_a_resumed_run_loads_every_program_from_the_persistent_cache(tmp_path, monkeypatch,
+                                                                      capsys):
+    """`bench.py resume`: a run stopped after 2 steps, then resumed for 2 more, each in a fresh
+    process. The first compiles into the empty cache; the resumed one (a restored state) must
+    find every program there. Before the steps took their state's placement as given, a
+    restored state traced to other programs and compiled them again."""
+    from benchmarks.resume import print_resume_table, run_resume
+    from fixtures import make_colour_folders
+    monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')   # cache every program
+    data = make_colour_folders(tmp_path / 'cars')
+    r = run_resume(2, dict(data_source='folders', data_dir=str(data), num_classes=0,
+                           image_size=16, batch_size=4, stage_sizes=[1, 1], widths=[4, 8],
+                           max_steps_per_epoch=0, num_workers=0))
+    fresh, resumed = r['rows']
+    assert (fresh['phase'], fresh['step'], resumed['phase'], resumed['step']) == (
+        'fresh', 2, 'resumed', 4)
+    assert fresh['cache_misses'] > 0
+    assert resumed['cache_hits'] > 0 and resumed['cache_misses'] == 0
+    print_resume_table(r)
+    assert '| resumed | 2 (to step 4) |' in capsys.readouterr().out
