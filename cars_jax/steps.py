@@ -75,9 +75,11 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_cl
     ema_decay = float(config.ema_decay)
     # the average starts at the init, in buffers of its own (the state is donated to the step)
     ema = jax.tree.map(jnp.copy, variables) if ema_decay > 0 else None
+    # jitted: the loop also reads the lr on the host each epoch, where the schedule's jnp ops
+    # would each compile on first use (~0.5 s per process)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule,
-                             ema=ema, ema_decay=ema_decay)
+                             batch_stats=variables['batch_stats'], tx=tx,
+                             lr_schedule=jax.jit(schedule), ema=ema, ema_decay=ema_decay)
 
 
 def _tree_all_finite(tree: Any) -> jax.Array:
