@@ -51,8 +51,7 @@ def create_pretrain_state(config: ml_collections.ConfigDict, rng: jax.Array,
     variables = init_variables(model, rng, config.image_size)
     tx, schedule = make_optimizer(config, steps_per_epoch)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'], tx=tx,
-                             lr_schedule=jax.jit(schedule))   # read on the host: one compile
+                             batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule)
 
 
 def pretrain_step(state: TrainState, batch: dict, temperature: float = 0.2

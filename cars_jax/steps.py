@@ -45,10 +45,14 @@ class TrainState(train_state.TrainState):
     ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @classmethod
-    def create(cls, **kwargs) -> 'TrainState':
-        """flax's, with `step` an int32 array as a restored checkpoint's is: flax's weakly typed
-        0 traces to another program, so a resumed run would compile its steps anew."""
-        return super().create(**kwargs).replace(step=jnp.zeros((), jnp.int32))
+    def create(cls, *, lr_schedule: Callable | None = None, **kwargs) -> 'TrainState':
+        """flax's, with `step` an int32 array as a restored checkpoint's is (flax's weakly typed
+        0 traces to another program, so a resumed run would compile its steps anew) and the lr
+        schedule jitted (the loops also read it on the host each epoch, where its jnp ops would
+        each compile on first use: ~0.5 s per process)."""
+        schedule = None if lr_schedule is None else jax.jit(lr_schedule)
+        return super().create(lr_schedule=schedule, **kwargs).replace(
+            step=jnp.zeros((), jnp.int32))
 
 
 def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
@@ -75,11 +79,9 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, num_cl
     ema_decay = float(config.ema_decay)
     # the average starts at the init, in buffers of its own (the state is donated to the step)
     ema = jax.tree.map(jnp.copy, variables) if ema_decay > 0 else None
-    # jitted: the loop also reads the lr on the host each epoch, where the schedule's jnp ops
-    # would each compile on first use (~0.5 s per process)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'], tx=tx,
-                             lr_schedule=jax.jit(schedule), ema=ema, ema_decay=ema_decay)
+                             batch_stats=variables['batch_stats'], tx=tx, lr_schedule=schedule,
+                             ema=ema, ema_decay=ema_decay)
 
 
 def _tree_all_finite(tree: Any) -> jax.Array:
@@ -326,11 +328,12 @@ def make_steps(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
     # whether the arguments are committed to a device (a fresh state is not, a restored one
     # is, and a step's outputs are if any input was), so a resumed run compiled each step
     # twice more (first with the restored state, then with its own outputs) than a fresh one.
-    mesh = replicated_sharding(mesh).mesh
+    replicated = replicated_sharding(mesh)
+    mesh = replicated.mesh
     if config.batch_size % mesh.size:
         raise ValueError(f'--config.batch_size={config.batch_size} must be divisible by the '
                          f'{mesh.size} devices of the data-parallel mesh.')
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    split = NamedSharding(mesh, P('data'))
     teacher_in = (replicated,) if teacher_apply is not None else ()
     jit_train = functools.partial(jax.jit, donate_argnums=(0,),
                                   in_shardings=(replicated, split, replicated) + teacher_in,
