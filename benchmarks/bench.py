@@ -7,6 +7,8 @@
   python benchmarks/bench.py convs [--image_size=64] [--batch_size=32] [--repeats=5]
   python benchmarks/bench.py parts [--image_size=64] [--batch_size=32] [--repeats=10]
   python benchmarks/bench.py profile [--image_size=64] [--batch_size=32] [--steps=5]
+  python benchmarks/bench.py resume [--steps=5]
+  python benchmarks/bench.py suite [--pytest_args='-n 0 tests/test_train.py']
 
 (from the repository root; `python -m benchmarks.bench ...` is the same).
 
@@ -39,6 +41,9 @@ PyTorch step measured in the same run.
 `profile`: the forward + backward op by op (`benchmarks/op_profile.py`): XLA:CPU's executed
 thunks (from `jax.profiler`) and PyTorch's aten ops (from `torch.profiler`), grouped into the
 same categories (convolutions, BatchNorm, max-pool, layout copies, the rest).
+`resume`: what a resumed run compiles (`benchmarks/resume.py`).
+`suite`: where the test suite's time goes (`benchmarks/suite.py`): the README's test command
+with a cold compilation cache, each test's duration and in-process compiles.
 Each mode writes a JSON.
 """
 from __future__ import annotations
@@ -97,6 +102,8 @@ def define_flags() -> None:
     flags.DEFINE_string('sizes', '64,128,224', 'cpu: image sizes.')
     flags.DEFINE_string('settings', '', 'cpu: names from benchmarks/cpu_settings.py SETTINGS '
                         '(empty: all).')
+    flags.DEFINE_string('pytest_args', '', 'suite: arguments added to `python -m pytest -q` '
+                        '(shell syntax), e.g. "-n 0" or a test file.')
 
 
 def machine() -> str:
@@ -777,16 +784,16 @@ def print_profile_table(r: dict) -> None:
         f'{k} {ms:.1f}' for k, ms in r['max_pool_ms'].items()))
 
 
-MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts', 'profile', 'resume')
+MODES = ('loader', 'step', 'fused', 'cpu', 'convs', 'parts', 'profile', 'resume', 'suite')
 
 
 def main(argv) -> None:
     if len(argv) < 2 or argv[1] not in MODES:
         raise app.UsageError('usage: python benchmarks/bench.py loader|step|fused|cpu|convs|'
-                             'parts|profile|resume [--flags]')
+                             'parts|profile|resume|suite [--flags]')
     arch = dict(widths=_ints(FLAGS.widths, SEED_WIDTHS),
                 stage_sizes=_ints(FLAGS.stage_sizes, SEED_STAGES))
-    if argv[1] != 'cpu':   # the XLA:CPU defaults main.py runs with (cpu sets its own per child)
+    if argv[1] not in ('cpu', 'suite'):   # main.py's XLA:CPU defaults (cpu and suite: per child)
         from cars_jax.runtime import apply_cpu_xla_flags
         apply_cpu_xla_flags()
     if argv[1] == 'loader':
@@ -815,6 +822,12 @@ def main(argv) -> None:
         from benchmarks.resume import print_resume_table, run_resume
         results = run_resume(FLAGS.steps)
         print_resume_table(results)
+    elif argv[1] == 'suite':      # pytest in a child, which sets its own XLA:CPU defaults
+        import shlex
+
+        from benchmarks.suite import print_suite_table, run_suite
+        results = run_suite(shlex.split(FLAGS.pytest_args))
+        print_suite_table(results)
     elif argv[1] == 'cpu':
         from benchmarks.cpu_settings import SETTINGS
         results = run_cpu(_ints(FLAGS.sizes, ()), FLAGS.settings.split(',') if FLAGS.settings

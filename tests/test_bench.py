@@ -346,3 +346,53 @@ def test_a_resumed_run_loads_every_program_from_the_persistent_cache(tmp_path, m
     assert resumed['cache_hits'] > 0 and resumed['cache_misses'] == 0
     print_resume_table(r)
     assert '| resumed | 2 (to step 4) |' in capsys.readouterr().out
+
+
+SUITE_FIXTURE = '''
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+def test_compiles_two_programs():
+    double = jax.jit(lambda x: 2 * x + 1)
+    assert float(double(jnp.ones(3))[0]) == 3.0
+    assert float(jax.jit(jnp.sum)(jnp.ones(4))) == 4.0
+
+
+def test_compiles_nothing():
+    assert 1 + 1 == 2
+
+
+def test_skipped():
+    pytest.skip('on purpose')
+
+
+def test_fails():
+    assert False
+'''
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_suite_records_each_tests_outcome_time_and_compiles(tmp_path, capsys, workers):
+    """`bench.py suite` on a generated test file, in one process and with two xdist workers
+    (whose controller's copy of every report must not be counted twice): the outcomes, which
+    test compiled what, and pytest's exit status."""
+    from benchmarks.suite import print_suite_table, run_suite
+    path = tmp_path / 'test_generated.py'
+    path.write_text(SUITE_FIXTURE)
+    r = run_suite(['-n', workers, str(path)])
+    assert r['returncode'] == 1 and '1 failed, 2 passed, 1 skipped' in r['summary']
+    assert r['totals']['outcomes'] == {'passed': 2, 'skipped': 1, 'failed': 1}
+    assert r['workers'] == (1 if workers == '0' else 2)
+    slow = {s['test'].split('::')[-1]: s for s in r['slowest']}
+    assert set(slow) == {'test_compiles_two_programs', 'test_compiles_nothing', 'test_skipped',
+                         'test_fails'}
+    assert slow['test_compiles_two_programs']['compile'] > 0
+    assert slow['test_compiles_nothing']['compile'] == 0 == slow['test_skipped']['compile']
+    names = {f['function']: f['compiles'] for f in r['functions']}
+    assert names.get('jit(<lambda>)') == 1 and names.get('jit(sum)') == 1, names
+    (name, f), = [(k, v) for k, v in r['files'].items() if k.endswith('test_generated.py')]
+    assert f['tests'] == 4 and f['compile'] == pytest.approx(r['totals']['compile'])
+    print_suite_table(r)
+    assert '| jit(<lambda>) | 1 |' in capsys.readouterr().out
