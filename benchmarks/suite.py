@@ -97,6 +97,9 @@ def summarise(tests: dict[str, dict], top: int = 15) -> dict:
                       sorted(functions.items(), key=lambda kv: -kv[1][1])[:top]],
         'slowest': [{'test': k, 'seconds': v['seconds'], 'compile': v['compile'],
                      'cache_hits': v['cache_hits']} for k, v in slowest],
+        'failed': sorted(k for k, v in real.items() if v['outcome'] == 'failed'),
+        'tests': {k: {'outcome': v['outcome'], 'seconds': round(v['seconds'], 3),
+                      'compile': round(v['compile'], 3)} for k, v in real.items()},
     }
 
 
@@ -108,6 +111,8 @@ def print_suite_table(r: dict) -> None:
           f"{t['seconds']:.1f} s, of which in-process JAX: tracing {t['trace']:.1f} s, lowering "
           f"{t['lower']:.1f} s, backend compiles {t['compile']:.1f} s ({t['programs']} programs, "
           f"{t['cache_hits']} of them read from the persistent cache in {t['cache_read']:.1f} s)")
+    for name in r['failed']:
+        print(f'FAILED {name}')
     print('\n| file | tests | seconds | tracing | lowering | compiles |')
     print('|---|---|---|---|---|---|')
     for name, f in r['files'].items():

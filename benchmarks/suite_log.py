@@ -76,6 +76,7 @@ def pytest_unconfigure(config) -> None:
     folder = os.environ.get(LOG_DIR_ENV)
     if not folder:
         return
-    worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
+    # an xdist worker has `workerinput`; the controller (which also sees every report) does not
+    worker = getattr(config, 'workerinput', {}).get('workerid', 'main')
     with open(os.path.join(folder, f'{worker}.json'), 'w') as f:
         json.dump(_tests, f)

@@ -384,6 +384,7 @@ def test_suite_records_each_tests_outcome_time_and_compiles(tmp_path, capsys, wo
     r = run_suite(['-n', workers, str(path)])
     assert r['returncode'] == 1 and '1 failed, 2 passed, 1 skipped' in r['summary']
     assert r['totals']['outcomes'] == {'passed': 2, 'skipped': 1, 'failed': 1}
+    assert [t.split('::')[-1] for t in r['failed']] == ['test_fails']
     assert r['workers'] == (1 if workers == '0' else 2)
     slow = {s['test'].split('::')[-1]: s for s in r['slowest']}
     assert set(slow) == {'test_compiles_two_programs', 'test_compiles_nothing', 'test_skipped',
@@ -395,4 +396,5 @@ def test_suite_records_each_tests_outcome_time_and_compiles(tmp_path, capsys, wo
     (name, f), = [(k, v) for k, v in r['files'].items() if k.endswith('test_generated.py')]
     assert f['tests'] == 4 and f['compile'] == pytest.approx(r['totals']['compile'])
     print_suite_table(r)
-    assert '| jit(<lambda>) | 1 |' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '| jit(<lambda>) | 1 |' in out and 'FAILED ' in out
