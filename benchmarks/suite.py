@@ -50,7 +50,9 @@ def run_suite(pytest_args: list[str] | None = None, timeout: float = 7200,
     if not tests:
         tail = ' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise RuntimeError(f'pytest recorded no test (exit {proc.returncode}): {tail}')
-    return {'command': ' '.join(['python -m pytest -q', *(pytest_args or [])]),
+    args = list(pytest_args or [])
+    shown = args if len(args) <= 6 else args[:3] + [f'... ({len(args) - 3} more arguments)']
+    return {'command': ' '.join(['python -m pytest -q', *shown]), 'pytest_args': args,
             'returncode': proc.returncode, 'summary': lines[-1] if lines else '',
             'wall_s': wall, 'workers': len(workers), 'cold_cache': keep_cache is None,
             **summarise(tests)}
