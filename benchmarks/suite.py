@@ -1,7 +1,7 @@
 """Where the test suite's time goes: `python benchmarks/bench.py suite`.
 
-Runs the README's test command (`python -m pytest -q`, the options of pyproject.toml: two
-workers on two cores) in a child process with a fresh TMPDIR, so that the tests' persistent
+Runs the README's test command (`python -m pytest -q`, the options of pyproject.toml: one
+worker per core) in a child process with a fresh TMPDIR, so that the tests' persistent
 compilation cache (tests/conftest.py keeps it under TMPDIR) starts cold as on a fresh clone,
 with the `benchmarks.suite_log` plugin; then sums what the plugin recorded: the wall time, each
 test's duration, and the in-process JAX work per test (tracing, lowering, backend compiles and

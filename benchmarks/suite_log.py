@@ -16,7 +16,7 @@ import os
 import pytest
 
 LOG_DIR_ENV = 'CARS_JAX_SUITE_LOG'
-EVENTS = {   # jax._src.dispatch's event names (jax 0.7-0.12)
+EVENTS = {   # the event names of jax._src.dispatch and .compiler (jax 0.10 and 0.12 alike)
     '/jax/core/compile/jaxpr_trace_duration': 'trace',
     '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
     '/jax/core/compile/backend_compile_duration': 'compile',
