@@ -27,6 +27,7 @@ HIT, MISS = '/jax/compilation_cache/cache_hits', '/jax/compilation_cache/cache_m
 def run_resume(steps: int, overrides: dict | None = None, timeout: float = 1800) -> dict:
     """{'rows': [fresh phase, resumed phase]}, each {'phase', 'seconds', 'cache_hits',
     'cache_misses', 'step'}, both stopping inside the first epoch (no validation)."""
+    from benchmarks.bench import machine
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for phase, stop in (('fresh', steps), ('resumed', 2 * steps)):
@@ -41,10 +42,11 @@ def run_resume(steps: int, overrides: dict | None = None, timeout: float = 1800)
                 raise RuntimeError(f'the {phase} phase failed: {tail}')
             rows.append({'phase': phase, 'seconds': time.perf_counter() - t,
                          **json.loads(lines[-1])})
-    return {'rows': rows, 'steps': steps}
+    return {'machine': machine(), 'rows': rows, 'steps': steps}
 
 
 def print_resume_table(results: dict) -> None:
+    print(f"A run stopped and resumed on {results['machine']}:")
     print('| phase | train steps | wall s | persistent-cache hits | misses (compiles) |')
     print('|---|---|---|---|---|')
     for r in results['rows']:

@@ -23,15 +23,14 @@ from benchmarks.suite_log import LOG_DIR_ENV
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_suite(pytest_args: list[str] | None = None, timeout: float = 7200,
-              keep_cache: str | None = None) -> dict:
+def run_suite(pytest_args: list[str] | None = None, timeout: float = 7200) -> dict:
     """Runs `python -m pytest -q -p benchmarks.suite_log *pytest_args` from the repository
-    root; `keep_cache`: a TMPDIR to use (and keep) instead of a fresh one (a warm rerun)."""
+    root, with a fresh TMPDIR."""
+    from benchmarks.bench import machine
     with tempfile.TemporaryDirectory() as tmp:
-        log_dir = os.path.join(tmp, 'log')
+        log_dir, tmpdir = os.path.join(tmp, 'log'), os.path.join(tmp, 'tmp')
         os.makedirs(log_dir)
-        tmpdir = keep_cache or os.path.join(tmp, 'tmp')
-        os.makedirs(tmpdir, exist_ok=True)
+        os.makedirs(tmpdir)
         cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'benchmarks.suite_log',
                *(pytest_args or [])]
         env = {**os.environ, LOG_DIR_ENV: log_dir, 'TMPDIR': tmpdir}
@@ -52,9 +51,9 @@ def run_suite(pytest_args: list[str] | None = None, timeout: float = 7200,
         raise RuntimeError(f'pytest recorded no test (exit {proc.returncode}): {tail}')
     args = list(pytest_args or [])
     shown = args if len(args) <= 6 else args[:3] + [f'... ({len(args) - 3} more arguments)']
-    return {'command': ' '.join(['python -m pytest -q', *shown]), 'pytest_args': args,
-            'returncode': proc.returncode, 'summary': lines[-1] if lines else '',
-            'wall_s': wall, 'workers': len(workers), 'cold_cache': keep_cache is None,
+    return {'machine': machine(), 'command': ' '.join(['python -m pytest -q', *shown]),
+            'pytest_args': args, 'returncode': proc.returncode,
+            'summary': lines[-1] if lines else '', 'wall_s': wall, 'workers': len(workers),
             **summarise(tests)}
 
 
@@ -107,8 +106,7 @@ def summarise(tests: dict[str, dict], top: int = 15) -> dict:
 
 def print_suite_table(r: dict) -> None:
     t = r['totals']
-    print(f"`{r['command']}` ({'cold' if r['cold_cache'] else 'warm'} compilation cache): "
-          f"{r['summary']}")
+    print(f"`{r['command']}` on {r['machine']} (cold compilation cache): {r['summary']}")
     print(f"wall {r['wall_s']:.1f} s; test time summed over {r['workers']} process(es) "
           f"{t['seconds']:.1f} s, of which in-process JAX: tracing {t['trace']:.1f} s, lowering "
           f"{t['lower']:.1f} s, backend compiles {t['compile']:.1f} s ({t['programs']} programs, "

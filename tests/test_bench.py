@@ -345,6 +345,7 @@ def test_a_resumed_run_loads_every_program_from_the_persistent_cache(tmp_path, m
     assert fresh['cache_misses'] > 0
     assert resumed['cache_hits'] > 0 and resumed['cache_misses'] == 0
     print_resume_table(r)
+    assert r['machine'] == bench.machine()
     assert '| resumed | 2 (to step 4) |' in capsys.readouterr().out
 
 
@@ -385,7 +386,7 @@ def test_suite_records_each_tests_outcome_time_and_compiles(tmp_path, capsys, wo
     assert r['returncode'] == 1 and '1 failed, 2 passed, 1 skipped' in r['summary']
     assert r['totals']['outcomes'] == {'passed': 2, 'skipped': 1, 'failed': 1}
     assert [t.split('::')[-1] for t in r['failed']] == ['test_fails']
-    assert r['workers'] == (1 if workers == '0' else 2)
+    assert r['workers'] == (1 if workers == '0' else 2) and r['machine'] == bench.machine()
     slow = {s['test'].split('::')[-1]: s for s in r['slowest']}
     assert set(slow) == {'test_compiles_two_programs', 'test_compiles_nothing', 'test_skipped',
                          'test_fails'}
